@@ -1,0 +1,110 @@
+//! The pool as the plugin sees it: [`Pool`] is the list of [`Server`]s the host pushed last,
+//! with the eligible subset precomputed once per change instead of once per request.
+
+/// One backend (mirrors the WIT `server`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Server {
+    /// Stable id, never reused.
+    pub id: u32,
+    /// `host:port`: the identity hash-based algorithms hash.
+    pub address: String,
+    /// Configured weight, >= 1.
+    pub weight: u32,
+    /// Health as the proxy sees it.
+    pub healthy: bool,
+    /// Connection limit; 0 = none.
+    pub max_connections: u32,
+    /// Slow-start factor in 0..=1 (1 = full weight).
+    pub warmup: f32,
+    /// Backend-reported CPU %, if it reports.
+    pub cpu_percent: Option<f32>,
+    /// Backend-reported memory %, if it reports.
+    pub memory_percent: Option<f32>,
+    /// Backend-reported connection count, if it reports.
+    pub backend_connections: Option<u32>,
+    /// Number of load reports received so far.
+    pub load_sample: u64,
+    /// Host time of the latest report, ms.
+    pub load_sampled_at_ms: u64,
+}
+
+impl Server {
+    /// A healthy server with weight 1 and no load report (tests and examples).
+    pub fn new(id: u32, address: impl Into<String>) -> Self {
+        Server {
+            id,
+            address: address.into(),
+            weight: 1,
+            healthy: true,
+            max_connections: 0,
+            warmup: 1.0,
+            cpu_percent: None,
+            memory_percent: None,
+            backend_connections: None,
+            load_sample: 0,
+            load_sampled_at_ms: 0,
+        }
+    }
+
+    /// Same server with another weight.
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
+    /// Same server, marked down.
+    pub fn down(mut self) -> Self {
+        self.healthy = false;
+        self
+    }
+
+    /// Weight scaled by slow start: at least 1 so a warming server still gets some traffic.
+    pub fn effective_weight(&self) -> u32 {
+        let w = self.weight.max(1);
+        if self.warmup >= 1.0 || !self.warmup.is_finite() {
+            return w;
+        }
+        ((w as f32 * self.warmup.max(0.0)).round() as u32).max(1)
+    }
+}
+
+/// The servers pushed by the host plus the indices of the eligible (healthy) ones.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pool {
+    /// Every server, in the host's order; `choose` returns an index into this.
+    pub servers: Vec<Server>,
+    eligible: Vec<u32>,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub const fn empty() -> Self {
+        Pool { servers: Vec::new(), eligible: Vec::new() }
+    }
+
+    /// Builds a pool and its eligible list.
+    pub fn new(servers: Vec<Server>) -> Self {
+        let eligible = servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.healthy)
+            .map(|(i, _)| i as u32)
+            .collect();
+        Pool { servers, eligible }
+    }
+
+    /// Indices of the healthy servers, ascending.
+    pub fn eligible(&self) -> &[u32] {
+        &self.eligible
+    }
+
+    /// The server at `index` (an index from [`Pool::eligible`] or a column).
+    pub fn server(&self, index: u32) -> &Server {
+        &self.servers[index as usize]
+    }
+
+    /// Sum of the effective weights of the eligible servers.
+    pub fn eligible_weight(&self) -> u64 {
+        self.eligible.iter().map(|&i| self.server(i).effective_weight() as u64).sum()
+    }
+}
