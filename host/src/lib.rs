@@ -1,0 +1,9 @@
+//! lbwasm: a load balancer whose balancing algorithms are sandboxed WebAssembly components.
+//!
+//! The data path reads top-down: listener ([`proxy`]) → pick ([`plugin`]) → forward →
+//! record ([`metrics`]). The pool and its health live in [`pool`] and [`health`].
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod plugin;

@@ -35,10 +35,16 @@ impl KeySource {
         if let Some(name) = lower.strip_prefix("header:").filter(|n| !n.is_empty()) {
             return Ok(KeySource::Header(name.to_string()));
         }
-        if let Some(name) = s.get(7..).filter(|n| lower.starts_with("cookie:") && !n.is_empty()) {
+        if let Some(name) = s
+            .get(7..)
+            .filter(|n| lower.starts_with("cookie:") && !n.is_empty())
+        {
             return Ok(KeySource::Cookie(name.to_string()));
         }
-        Err(format!("option `key`: expected {}, got `{s}`", Self::SYNTAX))
+        Err(format!(
+            "option `key`: expected {}, got `{s}`",
+            Self::SYNTAX
+        ))
     }
 
     /// The key for the current request; falls back to the client IP when the source is absent,
@@ -47,7 +53,9 @@ impl KeySource {
         let found = match self {
             KeySource::Auto => host.hash_key(),
             KeySource::Header(name) => host.header(name),
-            KeySource::Cookie(name) => host.header("cookie").and_then(|c| cookie_value(&c, name).map(str::to_string)),
+            KeySource::Cookie(name) => host
+                .header("cookie")
+                .and_then(|c| cookie_value(&c, name).map(str::to_string)),
             KeySource::Path => Some(host.path()),
             KeySource::ClientIp => None,
         };
@@ -69,8 +77,14 @@ mod tests {
 
     #[test]
     fn parses_sources() {
-        assert_eq!(KeySource::parse("header:X-User"), Ok(KeySource::Header("x-user".into())));
-        assert_eq!(KeySource::parse("cookie:sid"), Ok(KeySource::Cookie("sid".into())));
+        assert_eq!(
+            KeySource::parse("header:X-User"),
+            Ok(KeySource::Header("x-user".into()))
+        );
+        assert_eq!(
+            KeySource::parse("cookie:sid"),
+            Ok(KeySource::Cookie("sid".into()))
+        );
         assert!(KeySource::parse("body").unwrap_err().contains("`key`"));
         assert_eq!(cookie_value("a=1; sid=abc", "sid"), Some("abc"));
     }

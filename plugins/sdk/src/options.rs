@@ -15,12 +15,20 @@ pub struct Options {
 impl Options {
     /// Wraps the raw pairs; a key given twice keeps its last value.
     pub fn new(pairs: Vec<(String, String)>) -> Self {
-        Options { values: pairs.into_iter().collect(), known: Vec::new() }
+        Options {
+            values: pairs.into_iter().collect(),
+            known: Vec::new(),
+        }
     }
 
     /// Options from `&str` pairs (tests).
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
-        Self::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Self::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     /// The raw string, if given.
@@ -30,7 +38,12 @@ impl Options {
     }
 
     /// A value parsed with `FromStr`, or `default`; the error names the key and the value.
-    pub fn parse<T: FromStr>(&mut self, key: &'static str, default: T, expected: &str) -> Result<T, String> {
+    pub fn parse<T: FromStr>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        expected: &str,
+    ) -> Result<T, String> {
         match self.string(key) {
             None => Ok(default),
             Some(v) => v
@@ -46,7 +59,9 @@ impl Options {
         T: FromStr + PartialOrd + Copy + std::fmt::Display,
     {
         let v = self.parse(key, default, &format!("a number from {min} to {max}"))?;
-        if v < min || v > max {
+        // Written so that NaN (which compares false with everything) is refused too.
+        let in_range = v >= min && v <= max;
+        if !in_range {
             return Err(format!("option `{key}`: {v} is out of range {min}..={max}"));
         }
         Ok(v)
@@ -63,14 +78,26 @@ impl Options {
     }
 
     /// One of `choices`.
-    pub fn choice(&mut self, key: &'static str, default: &'static str, choices: &[&'static str]) -> Result<&'static str, String> {
-        let Some(v) = self.string(key) else { return Ok(default) };
+    pub fn choice(
+        &mut self,
+        key: &'static str,
+        default: &'static str,
+        choices: &[&'static str],
+    ) -> Result<&'static str, String> {
+        let Some(v) = self.string(key) else {
+            return Ok(default);
+        };
         let v = v.trim();
         choices
             .iter()
             .copied()
             .find(|c| c.eq_ignore_ascii_case(v))
-            .ok_or_else(|| format!("option `{key}`: expected one of {}, got `{v}`", choices.join(", ")))
+            .ok_or_else(|| {
+                format!(
+                    "option `{key}`: expected one of {}, got `{v}`",
+                    choices.join(", ")
+                )
+            })
     }
 
     /// Refuses options that were never read.
@@ -87,8 +114,15 @@ impl Options {
         let mut known = self.known.clone();
         known.sort_unstable();
         known.dedup();
-        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-        Err(format!("unknown option `{}` (this plugin takes: {known})", unknown.join("`, `")))
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        Err(format!(
+            "unknown option `{}` (this plugin takes: {known})",
+            unknown.join("`, `")
+        ))
     }
 }
 
@@ -108,7 +142,13 @@ mod tests {
     fn range_and_type_errors_name_the_key() {
         let mut o = Options::from_pairs(&[("a", "x"), ("b", "500")]);
         assert!(o.number("a", 1u32, 1, 9).unwrap_err().contains("`a`"));
-        assert!(o.number("b", 1u32, 1, 9).unwrap_err().contains("out of range"));
+        assert!(
+            o.number("b", 1u32, 1, 9)
+                .unwrap_err()
+                .contains("out of range")
+        );
         assert!(o.choice("c", "fnv1a", &["fnv1a", "xxh3"]).is_ok());
+        let mut o = Options::from_pairs(&[("f", "NaN")]);
+        assert!(o.number("f", 0.5f64, 0.0, 10.0).unwrap_err().contains("`f`"));
     }
 }

@@ -79,7 +79,10 @@ pub struct Pool {
 impl Pool {
     /// An empty pool.
     pub const fn empty() -> Self {
-        Pool { servers: Vec::new(), eligible: Vec::new() }
+        Pool {
+            servers: Vec::new(),
+            eligible: Vec::new(),
+        }
     }
 
     /// Builds a pool and its eligible list.
@@ -105,6 +108,9 @@ impl Pool {
 
     /// Sum of the effective weights of the eligible servers.
     pub fn eligible_weight(&self) -> u64 {
-        self.eligible.iter().map(|&i| self.server(i).effective_weight() as u64).sum()
+        self.eligible
+            .iter()
+            .map(|&i| self.server(i).effective_weight() as u64)
+            .sum()
     }
 }

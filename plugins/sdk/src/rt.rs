@@ -29,7 +29,10 @@ pub struct State<P> {
 
 impl<P: Plugin> State<P> {
     pub const fn new() -> Self {
-        State { plugin: None, pool: Pool::empty() }
+        State {
+            plugin: None,
+            pool: Pool::empty(),
+        }
     }
 
     pub fn configure(&mut self, options: Vec<(String, String)>) -> Result<(), String> {
@@ -94,7 +97,12 @@ impl Host for WasmHost {
     }
     fn server_load(&self, index: u32) -> ServerLoad {
         let l = load::figures(index);
-        ServerLoad { in_flight: l.in_flight, latency_us: l.latency_us, requests: l.requests, failures: l.failures }
+        ServerLoad {
+            in_flight: l.in_flight,
+            latency_us: l.latency_us,
+            requests: l.requests,
+            failures: l.failures,
+        }
     }
     fn now_ms(&self) -> u64 {
         load::now_ms()

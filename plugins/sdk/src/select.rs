@@ -2,30 +2,27 @@
 
 use crate::pool::Pool;
 
-/// The eligible server with the smallest `score`, ties broken by rotating the starting point
-/// with `rotation` (so equal servers share traffic instead of the first one taking it all).
-/// `None` when nothing is eligible.
-pub fn min_by_score<F>(pool: &Pool, rotation: u64, mut score: F) -> Option<u32>
+/// The eligible server with the smallest `score`; when several tie for it, the `rotation`-th
+/// of them (mod their count), so equal servers take equal turns. Rotating over the tied
+/// servers, not the scan's starting point, matters: with server 0 busy and 1 and 2 idle, a
+/// rotating start would give server 1 two turns in three. A score that is not finite (an
+/// unusable server, e.g. one at its connection limit) is never picked; `None` when nothing
+/// is eligible.
+pub fn min_by_score<F>(pool: &Pool, rotation: u64, score: F) -> Option<u32>
 where
-    F: FnMut(u32) -> f64,
+    F: Fn(u32) -> f64,
 {
     let eligible = pool.eligible();
-    let n = eligible.len();
-    if n == 0 {
+    let best = eligible
+        .iter()
+        .map(|&i| score(i))
+        .fold(f64::INFINITY, f64::min);
+    if !best.is_finite() {
         return None;
     }
-    let start = (rotation % n as u64) as usize;
-    let mut best = eligible[start];
-    let mut best_score = score(best);
-    for k in 1..n {
-        let i = eligible[(start + k) % n];
-        let s = score(i);
-        if s < best_score {
-            best = i;
-            best_score = s;
-        }
-    }
-    Some(best)
+    let tied = || eligible.iter().copied().filter(|&i| score(i) == best);
+    let turn = rotation % tied().count() as u64;
+    tied().nth(turn as usize)
 }
 
 /// Picks among the eligible servers in proportion to `weight(i)` using `random` bits.
@@ -66,10 +63,30 @@ mod tests {
 
     #[test]
     fn min_skips_unhealthy_and_rotates_ties() {
-        let pool = Pool::new(vec![Server::new(0, "a"), Server::new(1, "b").down(), Server::new(2, "c")]);
-        let picks: Vec<u32> = (0..4).map(|r| min_by_score(&pool, r, |_| 1.0).unwrap()).collect();
+        let pool = Pool::new(vec![
+            Server::new(0, "a"),
+            Server::new(1, "b").down(),
+            Server::new(2, "c"),
+        ]);
+        let picks: Vec<u32> = (0..4)
+            .map(|r| min_by_score(&pool, r, |_| 1.0).unwrap())
+            .collect();
         assert_eq!(picks, vec![0, 2, 0, 2]);
-        assert_eq!(min_by_score(&pool, 0, |i| if i == 2 { 0.0 } else { 1.0 }), Some(2));
-        assert_eq!(min_by_score(&Pool::new(vec![Server::new(0, "a").down()]), 0, |_| 0.0), None);
+        // Only the tied servers take turns: 0 is busier, 2 and 3 alternate.
+        let pool = Pool::new((0..4).map(|i| Server::new(i, "x")).collect());
+        let score = |i: u32| if i == 0 || i == 1 { 2.0 } else { 1.0 };
+        let picks: Vec<u32> = (0..4)
+            .map(|r| min_by_score(&pool, r, score).unwrap())
+            .collect();
+        assert_eq!(picks, vec![2, 3, 2, 3]);
+        assert_eq!(min_by_score(&pool, 0, |_| f64::INFINITY), None);
+        assert_eq!(
+            min_by_score(&pool, 0, |i| if i == 2 { 0.0 } else { 1.0 }),
+            Some(2)
+        );
+        assert_eq!(
+            min_by_score(&Pool::new(vec![Server::new(0, "a").down()]), 0, |_| 0.0),
+            None
+        );
     }
 }

@@ -52,7 +52,9 @@ impl MockHost {
 
     /// Sets a header for the next calls.
     pub fn set_header(&self, name: &str, value: &str) {
-        self.headers.borrow_mut().insert(name.to_ascii_lowercase(), value.to_string());
+        self.headers
+            .borrow_mut()
+            .insert(name.to_ascii_lowercase(), value.to_string());
     }
 }
 
@@ -79,7 +81,10 @@ impl Host for MockHost {
         self.path.borrow().clone()
     }
     fn header(&self, name: &str) -> Option<String> {
-        self.headers.borrow().get(&name.to_ascii_lowercase()).cloned()
+        self.headers
+            .borrow()
+            .get(&name.to_ascii_lowercase())
+            .cloned()
     }
     fn client_ip(&self) -> String {
         self.client_ip.borrow().clone()

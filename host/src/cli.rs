@@ -1,0 +1,97 @@
+//! Command-line interface: the clap definitions and the dispatch to each command's module.
+
+use crate::plugin::{self, PluginSource, Runtime, RuntimeConfig};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// lbwasm: a load balancer whose balancing algorithms are sandboxed WebAssembly components.
+#[derive(Parser, Debug)]
+#[command(name = "lbwasm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log level or filter (`info`, `debug`, `lbwasm=trace`); defaults to RUST_LOG, then `info`.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run demo backend servers that report their real CPU, memory and connection load.
+    Backend(crate::backend::BackendArgs),
+    /// List the built-in plugins, or inspect a component file.
+    Plugins(PluginsArgs),
+}
+
+/// `lbwasm plugins [inspect FILE]`.
+#[derive(clap::Args, Debug)]
+pub struct PluginsArgs {
+    /// Inspect instead of list.
+    #[command(subcommand)]
+    pub action: Option<PluginsAction>,
+}
+
+/// What `plugins` can do besides listing.
+#[derive(Subcommand, Debug)]
+pub enum PluginsAction {
+    /// Show a component's exports and imports and whether it fits the balancer world.
+    Inspect {
+        /// A `.wasm` component, or a built-in name.
+        file: String,
+    },
+}
+
+/// Sets up `tracing`: `--log-level` wins over `RUST_LOG`, the default is `info`.
+pub fn init_tracing(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Backend(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(crate::backend::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins(PluginsArgs { action: None }) => list_plugins(),
+        Command::Plugins(PluginsArgs { action: Some(PluginsAction::Inspect { file }) }) => inspect_plugin(&file),
+    }
+}
+
+fn list_plugins() -> Result<ExitCode> {
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    println!("{:<28} {:>8}  description", "built-in plugin", "size");
+    for name in plugin::builtin::names() {
+        let p = runtime.load(&PluginSource::Builtin(name.to_string()), &[])?;
+        println!("{:<28} {:>6}KB  {}", name, p.size() / 1024, p.description());
+    }
+    println!("\nUse one with `lbwasm serve --plugin NAME`, or give a path to your own .wasm component.");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_plugin(file: &str) -> Result<ExitCode> {
+    let runtime = Runtime::new(RuntimeConfig { cache_dir: None, ..RuntimeConfig::default() })?;
+    let (name, bytes) = match PluginSource::parse(file) {
+        PluginSource::Builtin(n) => match plugin::builtin::get(&n) {
+            Some(b) => (n, b.to_vec()),
+            None => anyhow::bail!("no built-in plugin named `{n}`, and `{file}` is not a path to a .wasm file"),
+        },
+        PluginSource::File(p) => {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            (p.display().to_string(), bytes)
+        }
+    };
+    let (fits, report) = plugin::inspect::report(&runtime, &name, &bytes)?;
+    print!("{report}");
+    Ok(if fits { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+

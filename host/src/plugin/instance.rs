@@ -1,0 +1,214 @@
+//! One sandboxed plugin instance: its store, its limits, and the host side of the imports.
+
+use super::bindings::lbwasm::balancer::{load, request, shared, types};
+use super::bindings::{Balancer, WitProtocol, WitServer, WitServerLoad};
+use super::runtime::{Plugin, SharedCounters};
+use super::{PoolView, Protocol, RequestInfo, ServerInfo, clock_ms};
+use anyhow::{Result, anyhow};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+
+/// What the host functions can reach during a call.
+pub struct StoreData {
+    limits: StoreLimits,
+    shared: Arc<SharedCounters>,
+    /// The pool view whose server list the instance was last given; live figures come from it.
+    pub(super) view: Option<Arc<dyn PoolView>>,
+    /// The request of the current call, moved in for the call and back out after it.
+    pub(super) request: RequestInfo,
+}
+
+/// A store plus the instance's exports.
+pub struct Instance {
+    pub(super) store: Store<StoreData>,
+    bindings: Balancer,
+    deadline_ticks: u64,
+}
+
+impl Instance {
+    /// Instantiates `plugin` from its pre-instance and runs `configure` with its options.
+    pub fn new(plugin: &Plugin) -> Result<Self> {
+        let rt = plugin.runtime.inner();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(rt.config.max_memory)
+            .instances(64)
+            .tables(64)
+            .memories(16)
+            .build();
+        let data = StoreData {
+            limits,
+            shared: plugin.shared.clone(),
+            view: None,
+            request: RequestInfo::default(),
+        };
+        let mut store = Store::new(&rt.engine, data);
+        store.limiter(|d| &mut d.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(rt.deadline_ticks);
+        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| describe_error("instantiating", &e))?;
+        let mut instance = Instance { store, bindings, deadline_ticks: rt.deadline_ticks };
+        instance.arm();
+        match instance.bindings.call_configure(&mut instance.store, &plugin.options) {
+            Ok(Ok(())) => Ok(instance),
+            Ok(Err(msg)) => Err(anyhow!("refused its options: {msg}")),
+            Err(e) => Err(describe_error("configure", &e)),
+        }
+    }
+
+    fn arm(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+    }
+
+    /// The plugin's one-line description.
+    pub fn describe(&mut self) -> Result<String> {
+        self.arm();
+        self.bindings.call_describe(&mut self.store).map_err(|e| describe_error("describe", &e))
+    }
+
+    /// Pushes a new server list.
+    pub fn set_servers(&mut self, view: Arc<dyn PoolView>, servers: &[ServerInfo]) -> Result<(), wasmtime::Error> {
+        let wit: Vec<WitServer> = servers.iter().map(to_wit).collect();
+        self.store.data_mut().view = Some(view);
+        self.arm();
+        self.bindings.call_set_servers(&mut self.store, &wit)
+    }
+
+    /// Calls `choose` with `request` lent to the host functions for the call's duration.
+    pub fn choose(&mut self, request: &mut RequestInfo) -> Result<Option<u32>, wasmtime::Error> {
+        std::mem::swap(&mut self.store.data_mut().request, request);
+        self.arm();
+        let result = self.bindings.call_choose(&mut self.store);
+        std::mem::swap(&mut self.store.data_mut().request, request);
+        result
+    }
+}
+
+/// Turns a wasmtime error into a one-line message that says what kind of fault it was.
+pub fn describe_error(during: &str, e: &wasmtime::Error) -> anyhow::Error {
+    anyhow!("{during}: {}", fault_text(e))
+}
+
+/// "timed out", "trapped: ..." or the error's first line.
+pub fn fault_text(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "timed out (call deadline exceeded)".to_string(),
+        Some(wasmtime::Trap::UnreachableCodeReached) => {
+            "trapped: unreachable code (a panic, an abort or a failed allocation in the plugin)".to_string()
+        }
+        Some(trap) => format!("trapped: {trap}"),
+        // Not a trap code: the root cause says what happened (e.g. the guest called an
+        // import that is linked to a trap because no capability is granted).
+        None => format!("trapped: {}", e.root_cause()),
+    }
+}
+
+/// Whether an error is the call deadline.
+pub fn is_timeout(e: &wasmtime::Error) -> bool {
+    matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt))
+}
+
+fn to_wit(s: &ServerInfo) -> WitServer {
+    WitServer {
+        id: s.id,
+        address: s.address.clone(),
+        weight: s.weight,
+        healthy: s.healthy,
+        max_connections: s.max_connections,
+        warmup: s.warmup,
+        cpu_percent: s.cpu_percent,
+        memory_percent: s.memory_percent,
+        backend_connections: s.backend_connections,
+        load_sample: s.load_sample,
+        load_sampled_at_ms: s.load_sampled_at_ms,
+    }
+}
+
+impl types::Host for StoreData {}
+
+impl load::Host for StoreData {
+    fn in_flight(&mut self) -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Some(v) = &self.view {
+            out.reserve_exact(v.len());
+            v.in_flight_column(&mut out);
+        }
+        out
+    }
+
+    fn latency_us(&mut self) -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Some(v) = &self.view {
+            out.reserve_exact(v.len());
+            v.latency_column(&mut out);
+        }
+        out
+    }
+
+    fn figures(&mut self, index: u32) -> wasmtime::Result<WitServerLoad> {
+        let view = self.view.as_ref().ok_or_else(|| wasmtime::Error::msg("figures() before set-servers"))?;
+        if index as usize >= view.len() {
+            return Err(wasmtime::Error::msg(format!("figures({index}): index out of range (pool has {})", view.len())));
+        }
+        let l = view.load(index as usize);
+        Ok(WitServerLoad { in_flight: l.in_flight, latency_us: l.latency_us, requests: l.requests, failures: l.failures })
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        clock_ms()
+    }
+}
+
+impl request::Host for StoreData {
+    fn kind(&mut self) -> WitProtocol {
+        match self.request.protocol {
+            Protocol::Http => WitProtocol::Http,
+            Protocol::Tcp => WitProtocol::Tcp,
+        }
+    }
+
+    fn method(&mut self) -> String {
+        match self.request.protocol {
+            Protocol::Http => self.request.method.as_str().to_string(),
+            Protocol::Tcp => String::new(),
+        }
+    }
+
+    fn path(&mut self) -> String {
+        match self.request.protocol {
+            Protocol::Http => self.request.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string(),
+            Protocol::Tcp => String::new(),
+        }
+    }
+
+    fn header(&mut self, name: String) -> Option<String> {
+        let v = self.request.headers.get(name.as_str())?;
+        Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    fn client_ip(&mut self) -> String {
+        self.request.client_ip.to_string()
+    }
+
+    fn hash_key(&mut self) -> Option<String> {
+        self.request.hash_key.clone()
+    }
+
+    fn attempt(&mut self) -> u32 {
+        self.request.attempt
+    }
+}
+
+impl shared::Host for StoreData {
+    fn next(&mut self, counter: u8) -> u64 {
+        self.shared.slot(counter).fetch_add(1, Ordering::Relaxed) as u64
+    }
+
+    fn add(&mut self, counter: u8, delta: i64) -> i64 {
+        self.shared.slot(counter).fetch_add(delta, Ordering::Relaxed).wrapping_add(delta)
+    }
+
+    fn get(&mut self, counter: u8) -> i64 {
+        self.shared.slot(counter).load(Ordering::Relaxed)
+    }
+}
