@@ -3,7 +3,7 @@
 //! hostile plugin. Run with `cargo bench --bench choose`.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use lbwasm::plugin::{PluginSource, PoolView, RequestInfo, Runtime, RuntimeConfig, StaticPool};
+use lbwasm::plugin::{PluginSource, RequestInfo, Runtime, RuntimeConfig, StaticPool};
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,16 +12,35 @@ use std::time::Duration;
 const SIZES: [usize; 4] = [4, 16, 64, 1000];
 
 fn runtime(cache: bool) -> Runtime {
-    let cache_dir = if cache { RuntimeConfig::default().cache_dir } else { None };
-    Runtime::new(RuntimeConfig { cache_dir, ..RuntimeConfig::default() }).expect("runtime")
+    let cache_dir = if cache {
+        RuntimeConfig::default().cache_dir
+    } else {
+        None
+    };
+    Runtime::new(RuntimeConfig {
+        cache_dir,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime")
 }
 
 fn choose(c: &mut Criterion) {
     let rt = runtime(true);
     let mut g = c.benchmark_group("choose");
-    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    for name in ["round_robin", "least_connections", "p2c_ewma", "consistent_hash", "weighted_rr", "least_loaded", "maglev"] {
-        let plugin = rt.load(&PluginSource::Builtin(name.into()), &[]).expect("load");
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    for name in [
+        "round_robin",
+        "least_connections",
+        "p2c_ewma",
+        "consistent_hash",
+        "weighted_rr",
+        "least_loaded",
+        "maglev",
+    ] {
+        let plugin = rt
+            .load(&PluginSource::Builtin(name.into()), &[])
+            .expect("load");
         for n in SIZES {
             let pool = StaticPool::with_servers(n);
             for i in 0..n {
@@ -30,7 +49,10 @@ fn choose(c: &mut Criterion) {
             }
             let view = pool.view();
             let mut sel = plugin.selector().expect("instance");
-            let mut req = RequestInfo { hash_key: Some("user-1234".into()), ..RequestInfo::default() };
+            let mut req = RequestInfo {
+                hash_key: Some("user-1234".into()),
+                ..RequestInfo::default()
+            };
             g.bench_with_input(BenchmarkId::new(format!("wasm/{name}"), n), &n, |b, _| {
                 b.iter(|| black_box(sel.choose(&view, &mut req, &[])))
             });
@@ -46,16 +68,20 @@ fn choose(c: &mut Criterion) {
         });
         let mut column = Vec::with_capacity(n);
         let mut rot = 0usize;
-        g.bench_with_input(BenchmarkId::new("native/least_connections", n), &n, |b, _| {
-            b.iter(|| {
-                column.clear();
-                view.in_flight_column(&mut column);
-                rot = rot.wrapping_add(1);
-                let len = column.len();
-                let best = (0..len).map(|k| (k + rot) % len).min_by_key(|&i| column[i]);
-                black_box(best)
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("native/least_connections", n),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    column.clear();
+                    view.in_flight_column(&mut column);
+                    rot = rot.wrapping_add(1);
+                    let len = column.len();
+                    let best = (0..len).map(|k| (k + rot) % len).min_by_key(|&i| column[i]);
+                    black_box(best)
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -65,15 +91,27 @@ fn load(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     let uncached = runtime(false);
     g.bench_function("compile/least_loaded", |b| {
-        b.iter(|| uncached.load(&PluginSource::Builtin("least_loaded".into()), &[]).expect("load"))
+        b.iter(|| {
+            uncached
+                .load(&PluginSource::Builtin("least_loaded".into()), &[])
+                .expect("load")
+        })
     });
     let cached = runtime(true);
     let _ = cached.load(&PluginSource::Builtin("least_loaded".into()), &[]);
     g.bench_function("cached/least_loaded", |b| {
-        b.iter(|| cached.load(&PluginSource::Builtin("least_loaded".into()), &[]).expect("load"))
+        b.iter(|| {
+            cached
+                .load(&PluginSource::Builtin("least_loaded".into()), &[])
+                .expect("load")
+        })
     });
-    let plugin = cached.load(&PluginSource::Builtin("least_loaded".into()), &[]).expect("load");
-    g.bench_function("instantiate/least_loaded", |b| b.iter(|| plugin.selector().expect("instance")));
+    let plugin = cached
+        .load(&PluginSource::Builtin("least_loaded".into()), &[])
+        .expect("load");
+    g.bench_function("instantiate/least_loaded", |b| {
+        b.iter(|| plugin.selector().expect("instance"))
+    });
     g.finish();
 }
 
@@ -86,7 +124,9 @@ fn sandbox(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     for mode in ["loop", "alloc", "trap"] {
         let opts = vec![("mode".to_string(), mode.to_string())];
-        let plugin = rt.load(&PluginSource::File(wasm.clone()), &opts).expect("load hostile");
+        let plugin = rt
+            .load(&PluginSource::File(wasm.clone()), &opts)
+            .expect("load hostile");
         // Time from the call to the fallback's answer, with a fresh instance each time.
         g.bench_function(BenchmarkId::new("time_to_fallback", mode), |b| {
             b.iter_batched(

@@ -3,7 +3,8 @@
 //! components.
 
 use lbwasm::plugin::{
-    Fault, PickSource, PluginSource, PoolView, RequestInfo, Runtime, RuntimeConfig, Selector, ServerInfo, StaticPool,
+    Fault, PickSource, PluginSource, PoolView, RequestInfo, Runtime, RuntimeConfig, Selector,
+    ServerInfo, StaticPool,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,15 +17,21 @@ fn server(i: u32) -> ServerInfo {
 
 fn runtime() -> Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| Runtime::new(RuntimeConfig::default()).expect("runtime")).clone()
+    RT.get_or_init(|| Runtime::new(RuntimeConfig::default()).expect("runtime"))
+        .clone()
 }
 
 fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn selector(name: &str, options: &[(&str, &str)]) -> Selector {
-    let plugin = runtime().load(&PluginSource::Builtin(name.into()), &opts(options)).expect("load plugin");
+    let plugin = runtime()
+        .load(&PluginSource::Builtin(name.into()), &opts(options))
+        .expect("load plugin");
     plugin.selector().expect("instance")
 }
 
@@ -35,7 +42,12 @@ fn fixture(name: &str) -> PathBuf {
 /// One pick, which must come from the plugin (not the fallback).
 fn pick(sel: &mut Selector, view: &Arc<dyn PoolView>, req: &mut RequestInfo) -> Option<usize> {
     let p = sel.choose(view, req, &[]);
-    assert_eq!(p.source, PickSource::Plugin, "plugin {} fell back", sel.plugin().name());
+    assert_eq!(
+        p.source,
+        PickSource::Plugin,
+        "plugin {} fell back",
+        sel.plugin().name()
+    );
     p.index
 }
 
@@ -48,7 +60,10 @@ fn counts(picks: impl IntoIterator<Item = Option<usize>>) -> BTreeMap<usize, usi
 }
 
 fn keyed(key: &str) -> RequestInfo {
-    RequestInfo { hash_key: Some(key.to_string()), ..RequestInfo::default() }
+    RequestInfo {
+        hash_key: Some(key.to_string()),
+        ..RequestInfo::default()
+    }
 }
 
 const ALL: &[&str] = &[
@@ -71,13 +86,18 @@ fn round_robin_gives_exact_thirds() {
     let mut sel = selector("round_robin", &[]);
     let mut req = RequestInfo::default();
     let c = counts((0..10_000).map(|_| pick(&mut sel, &view, &mut req)));
-    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![3334, 3333, 3333]);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![3334, 3333, 3333]
+    );
 }
 
 #[test]
 fn round_robin_is_exact_across_worker_threads() {
     let pool = StaticPool::with_servers(3);
-    let plugin = runtime().load(&PluginSource::Builtin("round_robin".into()), &[]).unwrap();
+    let plugin = runtime()
+        .load(&PluginSource::Builtin("round_robin".into()), &[])
+        .unwrap();
     let handles: Vec<_> = (0..3)
         .map(|_| {
             let plugin = plugin.clone();
@@ -85,13 +105,21 @@ fn round_robin_is_exact_across_worker_threads() {
             std::thread::spawn(move || {
                 let mut sel = plugin.selector().unwrap();
                 let mut req = RequestInfo::default();
-                (0..3000).map(|_| sel.choose(&view, &mut req, &[]).index).collect::<Vec<_>>()
+                (0..3000)
+                    .map(|_| sel.choose(&view, &mut req, &[]).index)
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    let all: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let all: Vec<_> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let c = counts(all);
-    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![3000, 3000, 3000]);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![3000, 3000, 3000]
+    );
 }
 
 #[test]
@@ -102,10 +130,19 @@ fn weighted_rr_is_smooth_and_exact() {
     let view = pool.view();
     let mut sel = selector("weighted_rr", &[]);
     let mut req = RequestInfo::default();
-    let seq: Vec<usize> = (0..14).map(|_| pick(&mut sel, &view, &mut req).unwrap()).collect();
-    assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0], "NGINX's smooth sequence a,a,b,a,c,a,a");
+    let seq: Vec<usize> = (0..14)
+        .map(|_| pick(&mut sel, &view, &mut req).unwrap())
+        .collect();
+    assert_eq!(
+        seq,
+        vec![0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0],
+        "NGINX's smooth sequence a,a,b,a,c,a,a"
+    );
     let c = counts((0..7000).map(|_| pick(&mut sel, &view, &mut req)));
-    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![5000, 1000, 1000]);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![5000, 1000, 1000]
+    );
 }
 
 #[test]
@@ -113,7 +150,9 @@ fn weighted_rr_shares_are_exact_across_worker_threads() {
     let mut servers: Vec<ServerInfo> = (0..3).map(server).collect();
     servers[0].weight = 5;
     let pool = StaticPool::new(servers);
-    let plugin = runtime().load(&PluginSource::Builtin("weighted_rr".into()), &[]).unwrap();
+    let plugin = runtime()
+        .load(&PluginSource::Builtin("weighted_rr".into()), &[])
+        .unwrap();
     let handles: Vec<_> = (0..2)
         .map(|_| {
             let plugin = plugin.clone();
@@ -121,12 +160,20 @@ fn weighted_rr_shares_are_exact_across_worker_threads() {
             std::thread::spawn(move || {
                 let mut sel = plugin.selector().unwrap();
                 let mut req = RequestInfo::default();
-                (0..3500).map(|_| sel.choose(&view, &mut req, &[]).index).collect::<Vec<_>>()
+                (0..3500)
+                    .map(|_| sel.choose(&view, &mut req, &[]).index)
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    let all: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
-    assert_eq!(counts(all).values().copied().collect::<Vec<_>>(), vec![5000, 1000, 1000]);
+    let all: Vec<_> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(
+        counts(all).values().copied().collect::<Vec<_>>(),
+        vec![5000, 1000, 1000]
+    );
 }
 
 #[test]
@@ -140,7 +187,10 @@ fn random_follows_weights() {
     let c = counts((0..20_000).map(|_| pick(&mut sel, &view, &mut req)));
     for (i, expected) in [(0, 5000.0), (1, 5000.0), (2, 10_000.0)] {
         let got = c[&i] as f64;
-        assert!((got - expected).abs() / expected < 0.05, "server {i}: {got} vs {expected}");
+        assert!(
+            (got - expected).abs() / expected < 0.05,
+            "server {i}: {got} vs {expected}"
+        );
     }
 }
 
@@ -180,17 +230,32 @@ fn consistent_hash_is_stable_balanced_and_moves_few_keys() {
     let (v3, v4) = (three.view(), four.view());
     let mut sel = selector("consistent_hash", &[("hash", "xxh3")]);
     let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
-    let before: Vec<usize> = keys.iter().map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap()).collect();
-    let again: Vec<usize> = keys.iter().map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap()).collect();
+    let before: Vec<usize> = keys
+        .iter()
+        .map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap())
+        .collect();
+    let again: Vec<usize> = keys
+        .iter()
+        .map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap())
+        .collect();
     assert_eq!(before, again, "same key, same server");
     for (s, n) in counts(before.iter().map(|&i| Some(i))) {
         let share = n as f64 / 10_000.0;
-        assert!((share - 1.0 / 3.0).abs() <= 0.15 / 3.0, "server {s} share {share}");
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.15 / 3.0,
+            "server {s} share {share}"
+        );
     }
-    let after: Vec<usize> = keys.iter().map(|k| pick(&mut sel, &v4, &mut keyed(k)).unwrap()).collect();
+    let after: Vec<usize> = keys
+        .iter()
+        .map(|k| pick(&mut sel, &v4, &mut keyed(k)).unwrap())
+        .collect();
     let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
     assert!(moved <= 3000, "{moved} of 10000 keys moved");
-    assert!(before.iter().zip(&after).all(|(a, b)| a == b || *b == 3), "keys move only to the new server");
+    assert!(
+        before.iter().zip(&after).all(|(a, b)| a == b || *b == 3),
+        "keys move only to the new server"
+    );
 }
 
 #[test]
@@ -198,8 +263,12 @@ fn classic_consistent_hash_is_stable() {
     let pool = StaticPool::with_servers(3);
     let view = pool.view();
     let mut sel = selector("consistent_hash", &[("hash", "classic")]);
-    let a: Vec<_> = (0..500).map(|i| pick(&mut sel, &view, &mut keyed(&format!("k{i}")))).collect();
-    let b: Vec<_> = (0..500).map(|i| pick(&mut sel, &view, &mut keyed(&format!("k{i}")))).collect();
+    let a: Vec<_> = (0..500)
+        .map(|i| pick(&mut sel, &view, &mut keyed(&format!("k{i}"))))
+        .collect();
+    let b: Vec<_> = (0..500)
+        .map(|i| pick(&mut sel, &view, &mut keyed(&format!("k{i}"))))
+        .collect();
     assert_eq!(a, b);
     assert_eq!(counts(a).len(), 3, "every server gets keys");
 }
@@ -211,14 +280,26 @@ fn maglev_is_stable_tightly_balanced_and_moves_few_keys() {
     let (v3, v4) = (three.view(), four.view());
     let mut sel = selector("maglev", &[]);
     let keys: Vec<String> = (0..10_000).map(|i| format!("flow-{i}")).collect();
-    let before: Vec<usize> = keys.iter().map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap()).collect();
-    let again: Vec<usize> = keys.iter().map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap()).collect();
+    let before: Vec<usize> = keys
+        .iter()
+        .map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap())
+        .collect();
+    let again: Vec<usize> = keys
+        .iter()
+        .map(|k| pick(&mut sel, &v3, &mut keyed(k)).unwrap())
+        .collect();
     assert_eq!(before, again);
     for (s, n) in counts(before.iter().map(|&i| Some(i))) {
         let share = n as f64 / 10_000.0;
-        assert!((share - 1.0 / 3.0).abs() <= 0.05 / 3.0 + 0.01, "server {s} share {share}");
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.05 / 3.0 + 0.01,
+            "server {s} share {share}"
+        );
     }
-    let after: Vec<usize> = keys.iter().map(|k| pick(&mut sel, &v4, &mut keyed(k)).unwrap()).collect();
+    let after: Vec<usize> = keys
+        .iter()
+        .map(|k| pick(&mut sel, &v4, &mut keyed(k)).unwrap())
+        .collect();
     let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
     assert!(moved <= 3000, "{moved} of 10000 keys moved");
 }
@@ -226,7 +307,10 @@ fn maglev_is_stable_tightly_balanced_and_moves_few_keys() {
 #[test]
 fn least_loaded_prefers_lower_load() {
     let mut servers: Vec<ServerInfo> = (0..3).map(server).collect();
-    for (s, (cpu, mem)) in servers.iter_mut().zip([(80.0, 50.0), (20.0, 30.0), (60.0, 70.0)]) {
+    for (s, (cpu, mem)) in servers
+        .iter_mut()
+        .zip([(80.0, 50.0), (20.0, 30.0), (60.0, 70.0)])
+    {
         s.cpu_percent = Some(cpu);
         s.memory_percent = Some(mem);
         s.load_sample = 1;
@@ -238,7 +322,14 @@ fn least_loaded_prefers_lower_load() {
     assert_eq!(pick(&mut sel, &view, &mut req), Some(1));
     // Same reports, but the low-CPU server is swamped with in-flight requests.
     pool.set_in_flight(1, 50);
-    let mut sel = selector("least_loaded", &[("cpu_weight", "0.1"), ("memory_weight", "0.1"), ("connections_weight", "1")]);
+    let mut sel = selector(
+        "least_loaded",
+        &[
+            ("cpu_weight", "0.1"),
+            ("memory_weight", "0.1"),
+            ("connections_weight", "1"),
+        ],
+    );
     assert_ne!(pick(&mut sel, &view, &mut req), Some(1));
 }
 
@@ -258,7 +349,11 @@ fn least_loaded_avoids_a_climbing_server_before_it_is_the_highest() {
         let pool = StaticPool::new(servers);
         last = pick(&mut sel, &pool.view(), &mut req);
     }
-    assert_eq!(last, Some(1), "the climbing server (50%, trend +10/sample) is avoided before passing 55%");
+    assert_eq!(
+        last,
+        Some(1),
+        "the climbing server (50%, trend +10/sample) is avoided before passing 55%"
+    );
     let mut flat = selector("least_loaded", &[("predict", "false")]);
     let mut servers: Vec<ServerInfo> = (0..2).map(server).collect();
     for (s, cpu) in servers.iter_mut().zip([50.0, 55.0]) {
@@ -266,7 +361,11 @@ fn least_loaded_avoids_a_climbing_server_before_it_is_the_highest() {
         s.memory_percent = Some(40.0);
         s.load_sample = 1;
     }
-    assert_eq!(pick(&mut flat, &StaticPool::new(servers).view(), &mut req), Some(0), "without prediction 50% < 55% wins");
+    assert_eq!(
+        pick(&mut flat, &StaticPool::new(servers).view(), &mut req),
+        Some(0),
+        "without prediction 50% < 55% wins"
+    );
 }
 
 #[test]
@@ -296,10 +395,21 @@ fn every_plugin_skips_unhealthy_servers_and_refuses_when_all_are_down() {
             let p = pick(&mut sel, &view, &mut req);
             assert!(matches!(p, Some(0) | Some(2)), "{name} picked {p:?}");
         }
-        let down = StaticPool::new((0..3).map(|i| ServerInfo { healthy: false, ..server(i) }).collect());
+        let down = StaticPool::new(
+            (0..3)
+                .map(|i| ServerInfo {
+                    healthy: false,
+                    ..server(i)
+                })
+                .collect(),
+        );
         let p = sel.choose(&down.view(), &mut RequestInfo::default(), &[]);
         assert_eq!(p.index, None, "{name} with every server down");
-        assert_eq!(p.source, PickSource::Plugin, "{name}: none is the plugin's own answer");
+        assert_eq!(
+            p.source,
+            PickSource::Plugin,
+            "{name}: none is the plugin's own answer"
+        );
     }
 }
 
@@ -307,14 +417,23 @@ fn every_plugin_skips_unhealthy_servers_and_refuses_when_all_are_down() {
 fn every_plugin_refuses_unknown_options_by_name() {
     for name in ALL {
         let err = runtime()
-            .load(&PluginSource::Builtin(name.to_string()), &opts(&[("no_such_option", "1")]))
+            .load(
+                &PluginSource::Builtin(name.to_string()),
+                &opts(&[("no_such_option", "1")]),
+            )
             .err()
             .unwrap_or_else(|| panic!("{name} accepted an unknown option"));
         let msg = format!("{err:#}");
-        assert!(msg.contains("no_such_option") && msg.contains(name), "{msg}");
+        assert!(
+            msg.contains("no_such_option") && msg.contains(name),
+            "{msg}"
+        );
     }
     let err = runtime()
-        .load(&PluginSource::Builtin("consistent_hash".into()), &opts(&[("vnodes", "lots")]))
+        .load(
+            &PluginSource::Builtin("consistent_hash".into()),
+            &opts(&[("vnodes", "lots")]),
+        )
         .err()
         .expect("invalid value refused");
     assert!(format!("{err:#}").contains("vnodes"), "{err:#}");
@@ -322,25 +441,38 @@ fn every_plugin_refuses_unknown_options_by_name() {
 
 #[test]
 fn unknown_builtin_names_the_choices() {
-    let err = runtime().load(&PluginSource::Builtin("fastest".into()), &[]).err().unwrap();
+    let err = runtime()
+        .load(&PluginSource::Builtin("fastest".into()), &[])
+        .err()
+        .unwrap();
     let msg = format!("{err:#}");
-    assert!(msg.contains("fastest") && msg.contains("round_robin") && msg.contains("maglev"), "{msg}");
+    assert!(
+        msg.contains("fastest") && msg.contains("round_robin") && msg.contains("maglev"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn example_plugin_loads_from_a_file() {
     let plugin = runtime()
-        .load(&PluginSource::File(fixture("sticky_canary")), &opts(&[("canary", "127.0.0.1:9103"), ("percent", "0")]))
+        .load(
+            &PluginSource::File(fixture("sticky_canary")),
+            &opts(&[("canary", "127.0.0.1:9103"), ("percent", "0")]),
+        )
         .expect("example plugin loads");
     let mut sel = plugin.selector().unwrap();
     let pool = StaticPool::with_servers(3);
     let view = pool.view();
     let c = counts((0..300).map(|i| {
         let mut req = RequestInfo::default();
-        req.headers.insert("x-user", format!("u{i}").parse().unwrap());
+        req.headers
+            .insert("x-user", format!("u{i}").parse().unwrap());
         pick(&mut sel, &view, &mut req)
     }));
-    assert!(!c.contains_key(&2), "percent=0 keeps everyone off the canary: {c:?}");
+    assert!(
+        !c.contains_key(&2),
+        "percent=0 keeps everyone off the canary: {c:?}"
+    );
     let mut req = RequestInfo::default();
     req.headers.insert("x-canary", "always".parse().unwrap());
     assert_eq!(pick(&mut sel, &view, &mut req), Some(2));
@@ -350,7 +482,10 @@ fn example_plugin_loads_from_a_file() {
 
 fn hostile(mode: &str) -> Selector {
     let p = runtime()
-        .load(&PluginSource::File(fixture("hostile")), &opts(&[("mode", mode)]))
+        .load(
+            &PluginSource::File(fixture("hostile")),
+            &opts(&[("mode", mode)]),
+        )
         .unwrap_or_else(|e| panic!("hostile {mode} loads: {e:#}"));
     p.selector().unwrap()
 }
@@ -368,11 +503,19 @@ fn assert_contained(mode: &str, expect: impl Fn(&Fault) -> bool) {
         PickSource::Fallback(f) => assert!(expect(f), "{mode}: unexpected fault {f:?}"),
         other => panic!("{mode}: expected a fallback, got {other:?}"),
     }
-    assert!(p.index.is_some(), "{mode}: the fallback still picks a healthy backend");
+    assert!(
+        p.index.is_some(),
+        "{mode}: the fallback still picks a healthy backend"
+    );
     // Hang guard only (the 100 ms target is measured by `cargo bench`, group `sandbox`).
     assert!(took < Duration::from_secs(5), "{mode}: took {took:?}");
     for _ in 0..5 {
-        assert!(sel.choose(&view, &mut RequestInfo::default(), &[]).index.is_some(), "{mode}: serving goes on");
+        assert!(
+            sel.choose(&view, &mut RequestInfo::default(), &[])
+                .index
+                .is_some(),
+            "{mode}: serving goes on"
+        );
     }
     let stats = sel.plugin().stats();
     assert!(stats.fallbacks >= 1, "{mode}: fallback counted: {stats:?}");
@@ -386,7 +529,9 @@ fn infinite_loop_is_interrupted() {
 #[test]
 fn unbounded_allocation_is_cut_off() {
     // With the defaults, whichever comes first stops it: the deadline or the memory cap.
-    assert_contained("alloc", |f| *f == Fault::Timeout || matches!(f, Fault::Trap(m) if m.contains("trapped")));
+    assert_contained("alloc", |f| {
+        *f == Fault::Timeout || matches!(f, Fault::Trap(m) if m.contains("trapped"))
+    });
     // With a small cap and a long deadline, it is the memory limit that stops it.
     let rt = Runtime::new(RuntimeConfig {
         max_memory: 4 << 20,
@@ -395,24 +540,43 @@ fn unbounded_allocation_is_cut_off() {
         ..RuntimeConfig::default()
     })
     .unwrap();
-    let plugin = rt.load(&PluginSource::File(fixture("hostile")), &opts(&[("mode", "alloc")])).unwrap();
+    let plugin = rt
+        .load(
+            &PluginSource::File(fixture("hostile")),
+            &opts(&[("mode", "alloc")]),
+        )
+        .unwrap();
     let mut sel = plugin.selector().unwrap();
     let pool = StaticPool::with_servers(2);
     let p = sel.choose(&pool.view(), &mut RequestInfo::default(), &[]);
-    assert!(matches!(&p.source, PickSource::Fallback(Fault::Trap(m)) if m.contains("trapped")), "{p:?}");
+    assert!(
+        matches!(&p.source, PickSource::Fallback(Fault::Trap(m)) if m.contains("trapped")),
+        "{p:?}"
+    );
     assert_eq!(plugin.stats().traps, 1);
     assert!(p.index.is_some());
 }
 
 #[test]
 fn trap_and_panic_are_contained() {
-    assert_contained("trap", |f| matches!(f, Fault::Trap(m) if m.contains("unreachable")));
+    assert_contained(
+        "trap",
+        |f| matches!(f, Fault::Trap(m) if m.contains("unreachable")),
+    );
     assert_contained("panic", |f| matches!(f, Fault::Trap(_)));
 }
 
 #[test]
 fn out_of_range_and_unhealthy_answers_are_refused() {
-    assert_contained("out_of_range", |f| matches!(f, Fault::OutOfRange { index: 1_000_000, len: 3 }));
+    assert_contained("out_of_range", |f| {
+        matches!(
+            f,
+            Fault::OutOfRange {
+                index: 1_000_000,
+                len: 3
+            }
+        )
+    });
     let mut servers: Vec<ServerInfo> = (0..3).map(server).collect();
     servers[1].healthy = false;
     let pool = StaticPool::new(servers);
@@ -427,11 +591,16 @@ fn a_trapped_instance_is_replaced_and_serves_again() {
     let pool = StaticPool::with_servers(3);
     let view = pool.view();
     let p = runtime()
-        .load(&PluginSource::File(fixture("hostile")), &opts(&[("mode", "trap"), ("after", "2")]))
+        .load(
+            &PluginSource::File(fixture("hostile")),
+            &opts(&[("mode", "trap"), ("after", "2")]),
+        )
         .unwrap();
     let mut sel = p.selector().unwrap();
     let mut req = RequestInfo::default();
-    let sources: Vec<bool> = (0..6).map(|_| sel.choose(&view, &mut req, &[]).source == PickSource::Plugin).collect();
+    let sources: Vec<bool> = (0..6)
+        .map(|_| sel.choose(&view, &mut req, &[]).source == PickSource::Plugin)
+        .collect();
     // ok, ok, trap → fresh instance: ok, ok, trap.
     assert_eq!(sources, vec![true, true, false, true, true, false]);
     let stats = p.stats();
@@ -441,23 +610,56 @@ fn a_trapped_instance_is_replaced_and_serves_again() {
 #[test]
 fn bad_components_are_refused_with_a_reason() {
     let rt = runtime();
-    let err = rt.load(&PluginSource::File(fixture("wrong_world")), &[]).err().expect("wrong world refused");
+    let err = rt
+        .load(&PluginSource::File(fixture("wrong_world")), &[])
+        .err()
+        .expect("wrong world refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("does not implement the world") && msg.contains("describe"), "{msg}");
+    assert!(
+        msg.contains("does not implement the world") && msg.contains("describe"),
+        "{msg}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("notes.wasm");
     std::fs::write(&text, "this is not wasm").unwrap();
-    let msg = format!("{:#}", rt.load(&PluginSource::File(text), &[]).err().unwrap());
+    let msg = format!(
+        "{:#}",
+        rt.load(&PluginSource::File(text), &[]).err().unwrap()
+    );
     assert!(msg.contains("not a WebAssembly file"), "{msg}");
 
-    let missing = format!("{:#}", rt.load(&PluginSource::File(dir.path().join("nope.wasm")), &[]).err().unwrap());
+    let missing = format!(
+        "{:#}",
+        rt.load(&PluginSource::File(dir.path().join("nope.wasm")), &[])
+            .err()
+            .unwrap()
+    );
     assert!(missing.contains("nope.wasm"), "{missing}");
 
-    let msg = format!("{:#}", rt.load(&PluginSource::File(fixture("hostile")), &opts(&[("mode", "fail_configure")])).err().unwrap());
-    assert!(msg.contains("refused its options: hostile: refused by request"), "{msg}");
+    let msg = format!(
+        "{:#}",
+        rt.load(
+            &PluginSource::File(fixture("hostile")),
+            &opts(&[("mode", "fail_configure")])
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(
+        msg.contains("refused its options: hostile: refused by request"),
+        "{msg}"
+    );
 
-    let msg = format!("{:#}", rt.load(&PluginSource::File(fixture("hostile")), &opts(&[("mode", "slow_configure")])).err().unwrap());
+    let msg = format!(
+        "{:#}",
+        rt.load(
+            &PluginSource::File(fixture("hostile")),
+            &opts(&[("mode", "slow_configure")])
+        )
+        .err()
+        .unwrap()
+    );
     assert!(msg.contains("timed out"), "{msg}");
 }
 
@@ -467,10 +669,17 @@ fn a_plugin_that_keeps_failing_is_suspended_not_called_per_request() {
     let view = pool.view();
     let mut sel = hostile("loop");
     for _ in 0..50 {
-        assert!(sel.choose(&view, &mut RequestInfo::default(), &[]).index.is_some());
+        assert!(
+            sel.choose(&view, &mut RequestInfo::default(), &[])
+                .index
+                .is_some()
+        );
     }
     let stats = sel.plugin().stats();
-    assert!(stats.timeouts <= 3, "suspended after repeated timeouts: {stats:?}");
+    assert!(
+        stats.timeouts <= 3,
+        "suspended after repeated timeouts: {stats:?}"
+    );
     assert_eq!(stats.fallbacks, 50);
 }
 

@@ -51,19 +51,26 @@ pub fn init_tracing(level: Option<&str>) {
         Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Backend(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(crate::backend::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins(PluginsArgs { action: None }) => list_plugins(),
-        Command::Plugins(PluginsArgs { action: Some(PluginsAction::Inspect { file }) }) => inspect_plugin(&file),
+        Command::Plugins(PluginsArgs {
+            action: Some(PluginsAction::Inspect { file }),
+        }) => inspect_plugin(&file),
     }
 }
 
@@ -74,16 +81,23 @@ fn list_plugins() -> Result<ExitCode> {
         let p = runtime.load(&PluginSource::Builtin(name.to_string()), &[])?;
         println!("{:<28} {:>6}KB  {}", name, p.size() / 1024, p.description());
     }
-    println!("\nUse one with `lbwasm serve --plugin NAME`, or give a path to your own .wasm component.");
+    println!(
+        "\nUse one with `lbwasm serve --plugin NAME`, or give a path to your own .wasm component."
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn inspect_plugin(file: &str) -> Result<ExitCode> {
-    let runtime = Runtime::new(RuntimeConfig { cache_dir: None, ..RuntimeConfig::default() })?;
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    })?;
     let (name, bytes) = match PluginSource::parse(file) {
         PluginSource::Builtin(n) => match plugin::builtin::get(&n) {
             Some(b) => (n, b.to_vec()),
-            None => anyhow::bail!("no built-in plugin named `{n}`, and `{file}` is not a path to a .wasm file"),
+            None => anyhow::bail!(
+                "no built-in plugin named `{n}`, and `{file}` is not a path to a .wasm file"
+            ),
         },
         PluginSource::File(p) => {
             let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -92,6 +106,9 @@ fn inspect_plugin(file: &str) -> Result<ExitCode> {
     };
     let (fits, report) = plugin::inspect::report(&runtime, &name, &bytes)?;
     print!("{report}");
-    Ok(if fits { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if fits {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
-

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::tree::{Ctx, Field, Origin, Section, Table, place};
 use super::{
-    AdminConfig, BUILTIN_PLUGINS, BackendConfig, Config, ConfigError, HashKey, HealthCheck,
-    HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, Retry, Timeouts,
+    AdminConfig, BackendConfig, Config, ConfigError, HashKey, HealthCheck, HealthKind,
+    ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, Retry, Timeouts,
 };
 
 const ROOT_KEYS: &[&str] = &["workers", "admin", "listener"];
@@ -289,12 +289,15 @@ fn plugin_ref(f: &Field<'_>, cx: &Ctx) -> Result<PluginRef, ConfigError> {
             _ => path,
         }));
     }
-    if BUILTIN_PLUGINS.contains(&text) {
+    // The list comes from what build.rs embedded: one source of truth for the names.
+    if crate::plugin::builtin::get(text).is_some() {
         Ok(PluginRef::Builtin(text.to_owned()))
     } else {
         Err(f.err(format!(
             "unknown built-in plugin {text:?} (expected one of: {}; or a path to a .wasm file)",
-            BUILTIN_PLUGINS.join(", ")
+            crate::plugin::builtin::names()
+                .collect::<Vec<_>>()
+                .join(", ")
         )))
     }
 }

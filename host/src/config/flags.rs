@@ -51,8 +51,8 @@ pub struct ServeArgs {
     /// What hashing plugins hash: header:NAME, cookie:NAME, path or client-ip.
     #[arg(long, value_name = "SRC")]
     pub hash_key: Option<String>,
-    /// Log filter in tracing's EnvFilter syntax (e.g. info, lbwasm=debug); default info.
-    /// Read by the binary, not part of [`Config`].
+    /// Log filter in tracing's EnvFilter syntax, e.g. info or lbwasm=debug. Used by the
+    /// binary; the TOML file has no counterpart.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
 }

@@ -44,21 +44,6 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use flags::ServeArgs;
 
-/// The plugins compiled into the binary, by the name `plugin = "..."` accepts. Checked here
-/// so that a misspelt name is reported with its line instead of at plugin load time.
-pub const BUILTIN_PLUGINS: &[&str] = &[
-    "round_robin",
-    "weighted_rr",
-    "random",
-    "least_connections",
-    "weighted_least_connections",
-    "weighted_response_time",
-    "least_loaded",
-    "consistent_hash",
-    "p2c_ewma",
-    "maglev",
-];
-
 /// Parses and validates a configuration file's text. `file` names the file in errors, and
 /// relative `.wasm` plugin paths are resolved against its directory.
 pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
@@ -151,7 +136,7 @@ impl fmt::Display for Protocol {
 /// A value ending in `.wasm` or containing `/` is a file; anything else a built-in name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PluginRef {
-    /// One of [`BUILTIN_PLUGINS`].
+    /// One of [`crate::plugin::builtin::names`].
     Builtin(String),
     /// A component file; relative paths from the config file are already joined to its
     /// directory, relative paths from `--plugin` stay relative to the working directory.

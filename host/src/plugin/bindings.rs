@@ -7,4 +7,6 @@ wasmtime::component::bindgen!({
     imports: { "lbwasm:balancer/load.figures": trappable },
 });
 
-pub use lbwasm::balancer::types::{Protocol as WitProtocol, Server as WitServer, ServerLoad as WitServerLoad};
+pub use self::lbwasm::balancer::types::{
+    Protocol as WitProtocol, Server as WitServer, ServerLoad as WitServerLoad,
+};

@@ -33,14 +33,20 @@ pub fn load(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Compone
     let mut h = Xxh3Default::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     let engine_key = h.finish();
-    let file = dir.join(format!("{:016x}-{:032x}.cwasm", engine_key, xxhash_rust::xxh3::xxh3_128(bytes)));
+    let file = dir.join(format!(
+        "{:016x}-{:032x}.cwasm",
+        engine_key,
+        xxhash_rust::xxh3::xxh3_128(bytes)
+    ));
     if file.exists() {
         // SAFETY: the file is in our own cache directory, was written by `serialize` of an
         // engine with the same compatibility hash (part of its name), and renamed into place
         // only once complete.
         match unsafe { Component::deserialize_file(engine, &file) } {
             Ok(c) => return Ok(c),
-            Err(e) => tracing::warn!(file = %file.display(), error = %e, "discarding unusable cached plugin"),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "discarding unusable cached plugin")
+            }
         }
     }
     let component = Component::new(engine, bytes).map_err(super::wasm_err)?;

@@ -11,7 +11,10 @@ use wasmtime::component::types::ComponentItem;
 /// The world's exports and their signatures, as `inspect` prints them.
 const REQUIRED: &[(&str, &str)] = &[
     ("describe", "func() -> string"),
-    ("configure", "func(options: list<tuple<string, string>>) -> result<_, string>"),
+    (
+        "configure",
+        "func(options: list<tuple<string, string>>) -> result<_, string>",
+    ),
     ("set-servers", "func(servers: list<record>) -> ()"),
     ("choose", "func() -> option<u32>"),
 ];
@@ -25,7 +28,10 @@ pub fn missing_exports(engine: &Engine, component: &Component) -> Vec<String> {
     REQUIRED
         .iter()
         .filter_map(|(name, sig)| {
-            let found = ty.exports(engine).find(|(n, _)| n == name).map(|(_, item)| item_text(engine, &item.ty));
+            let found = ty
+                .exports(engine)
+                .find(|(n, _)| n == name)
+                .map(|(_, item)| item_text(engine, &item.ty));
             match found {
                 None => Some(format!("`{name}` ({sig}) is missing")),
                 Some(f) if f != *sig => Some(format!("`{name}` should be {sig}, found {f}")),
@@ -59,7 +65,11 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
     }
     writeln!(out, "  imports:")?;
     for (n, _) in ty.imports(engine) {
-        let note = if n.starts_with(PROVIDED) { "provided" } else { "not provided: traps if called (no WASI capability is granted)" };
+        let note = if n.starts_with(PROVIDED) {
+            "provided"
+        } else {
+            "not provided: traps if called (no WASI capability is granted)"
+        };
         writeln!(out, "    {n}: {note}")?;
     }
     let missing = missing_exports(engine, &component);
@@ -69,7 +79,11 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
             true
         }
         Ok(_) => {
-            writeln!(out, "  does NOT fit lbwasm:balancer/balancer@0.1.0: {}", missing.join("; "))?;
+            writeln!(
+                out,
+                "  does NOT fit lbwasm:balancer/balancer@0.1.0: {}",
+                missing.join("; ")
+            )?;
             false
         }
         Err(e) => {
@@ -83,7 +97,10 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
 fn item_text(engine: &Engine, item: &ComponentItem) -> String {
     match item {
         ComponentItem::ComponentFunc(f) => {
-            let params: Vec<String> = f.params().map(|(n, t)| format!("{n}: {}", type_text(&t))).collect();
+            let params: Vec<String> = f
+                .params()
+                .map(|(n, t)| format!("{n}: {}", type_text(&t)))
+                .collect();
             let results: Vec<String> = f.results().map(|t| type_text(&t)).collect();
             let results = match results.len() {
                 0 => "()".to_string(),

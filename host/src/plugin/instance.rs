@@ -46,10 +46,20 @@ impl Instance {
         store.limiter(|d| &mut d.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(rt.deadline_ticks);
-        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| describe_error("instantiating", &e))?;
-        let mut instance = Instance { store, bindings, deadline_ticks: rt.deadline_ticks };
+        let bindings = plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| describe_error("instantiating", &e))?;
+        let mut instance = Instance {
+            store,
+            bindings,
+            deadline_ticks: rt.deadline_ticks,
+        };
         instance.arm();
-        match instance.bindings.call_configure(&mut instance.store, &plugin.options) {
+        match instance
+            .bindings
+            .call_configure(&mut instance.store, &plugin.options)
+        {
             Ok(Ok(())) => Ok(instance),
             Ok(Err(msg)) => Err(anyhow!("refused its options: {msg}")),
             Err(e) => Err(describe_error("configure", &e)),
@@ -63,11 +73,17 @@ impl Instance {
     /// The plugin's one-line description.
     pub fn describe(&mut self) -> Result<String> {
         self.arm();
-        self.bindings.call_describe(&mut self.store).map_err(|e| describe_error("describe", &e))
+        self.bindings
+            .call_describe(&mut self.store)
+            .map_err(|e| describe_error("describe", &e))
     }
 
     /// Pushes a new server list.
-    pub fn set_servers(&mut self, view: Arc<dyn PoolView>, servers: &[ServerInfo]) -> Result<(), wasmtime::Error> {
+    pub fn set_servers(
+        &mut self,
+        view: Arc<dyn PoolView>,
+        servers: &[ServerInfo],
+    ) -> Result<(), wasmtime::Error> {
         let wit: Vec<WitServer> = servers.iter().map(to_wit).collect();
         self.store.data_mut().view = Some(view);
         self.arm();
@@ -94,7 +110,8 @@ pub fn fault_text(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => "timed out (call deadline exceeded)".to_string(),
         Some(wasmtime::Trap::UnreachableCodeReached) => {
-            "trapped: unreachable code (a panic, an abort or a failed allocation in the plugin)".to_string()
+            "trapped: unreachable code (a panic, an abort or a failed allocation in the plugin)"
+                .to_string()
         }
         Some(trap) => format!("trapped: {trap}"),
         // Not a trap code: the root cause says what happened (e.g. the guest called an
@@ -105,7 +122,10 @@ pub fn fault_text(e: &wasmtime::Error) -> String {
 
 /// Whether an error is the call deadline.
 pub fn is_timeout(e: &wasmtime::Error) -> bool {
-    matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt))
+    matches!(
+        e.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    )
 }
 
 fn to_wit(s: &ServerInfo) -> WitServer {
@@ -146,12 +166,23 @@ impl load::Host for StoreData {
     }
 
     fn figures(&mut self, index: u32) -> wasmtime::Result<WitServerLoad> {
-        let view = self.view.as_ref().ok_or_else(|| wasmtime::Error::msg("figures() before set-servers"))?;
+        let view = self
+            .view
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("figures() before set-servers"))?;
         if index as usize >= view.len() {
-            return Err(wasmtime::Error::msg(format!("figures({index}): index out of range (pool has {})", view.len())));
+            return Err(wasmtime::Error::msg(format!(
+                "figures({index}): index out of range (pool has {})",
+                view.len()
+            )));
         }
         let l = view.load(index as usize);
-        Ok(WitServerLoad { in_flight: l.in_flight, latency_us: l.latency_us, requests: l.requests, failures: l.failures })
+        Ok(WitServerLoad {
+            in_flight: l.in_flight,
+            latency_us: l.latency_us,
+            requests: l.requests,
+            failures: l.failures,
+        })
     }
 
     fn now_ms(&mut self) -> u64 {
@@ -176,7 +207,13 @@ impl request::Host for StoreData {
 
     fn path(&mut self) -> String {
         match self.request.protocol {
-            Protocol::Http => self.request.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string(),
+            Protocol::Http => self
+                .request
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string(),
             Protocol::Tcp => String::new(),
         }
     }
@@ -205,7 +242,10 @@ impl shared::Host for StoreData {
     }
 
     fn add(&mut self, counter: u8, delta: i64) -> i64 {
-        self.shared.slot(counter).fetch_add(delta, Ordering::Relaxed).wrapping_add(delta)
+        self.shared
+            .slot(counter)
+            .fetch_add(delta, Ordering::Relaxed)
+            .wrapping_add(delta)
     }
 
     fn get(&mut self, counter: u8) -> i64 {

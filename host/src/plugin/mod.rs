@@ -15,11 +15,11 @@ mod bindings;
 pub mod builtin;
 mod cache;
 pub mod inspect;
-mod types_text;
 mod instance;
 mod runtime;
 mod selector;
 mod static_pool;
+mod types_text;
 
 pub use runtime::{Plugin, PluginSource, PluginStats, Runtime, RuntimeConfig, StatsSnapshot};
 pub use selector::{Fault, Pick, PickSource, Selector};

@@ -75,10 +75,16 @@ impl Runtime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&wasm).map_err(wasm_err).context("creating the wasm engine")?;
+        let engine = Engine::new(&wasm)
+            .map_err(wasm_err)
+            .context("creating the wasm engine")?;
 
         let mut linker = Linker::new(&engine);
-        super::bindings::Balancer::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |d| d).map_err(wasm_err)?;
+        super::bindings::Balancer::add_to_linker::<StoreData, HasSelf<StoreData>>(
+            &mut linker,
+            |d| d,
+        )
+        .map_err(wasm_err)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.weak();
@@ -98,7 +104,15 @@ impl Runtime {
 
         // +1: the deadline counts ticks from "now", which is already partly elapsed.
         let deadline_ticks = (config.call_timeout.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, config, deadline_ticks, stop }) })
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                deadline_ticks,
+                stop,
+            }),
+        })
     }
 
     /// The wasmtime engine (inspection, benchmarks).
@@ -125,13 +139,24 @@ impl Runtime {
     }
 
     /// [`Runtime::load`] from bytes in memory; `name` is used in messages.
-    pub fn load_bytes(&self, name: &str, bytes: &[u8], options: &[(String, String)]) -> Result<Arc<Plugin>> {
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        options: &[(String, String)],
+    ) -> Result<Arc<Plugin>> {
         if !bytes.starts_with(b"\0asm") {
             bail!("plugin {name} is not a WebAssembly file (no \\0asm header)");
         }
-        let component = cache::load(&self.inner.engine, bytes, self.inner.config.cache_dir.as_deref())
-            .map_err(|e| anyhow!("plugin {name} is not a valid WebAssembly component: {e:#}"))?;
-        let pre = self.pre(&component).with_context(|| format!("plugin {name}"))?;
+        let component = cache::load(
+            &self.inner.engine,
+            bytes,
+            self.inner.config.cache_dir.as_deref(),
+        )
+        .map_err(|e| anyhow!("plugin {name} is not a valid WebAssembly component: {e:#}"))?;
+        let pre = self
+            .pre(&component)
+            .with_context(|| format!("plugin {name}"))?;
         let mut plugin = Plugin {
             name: name.to_string(),
             runtime: self.clone(),
@@ -144,7 +169,9 @@ impl Runtime {
         };
         // One instance now: configure errors, start-up traps and describe() surface here.
         let mut probe = Instance::new(&plugin).with_context(|| format!("plugin {name}"))?;
-        plugin.description = probe.describe().with_context(|| format!("plugin {name}: describe()"))?;
+        plugin.description = probe
+            .describe()
+            .with_context(|| format!("plugin {name}: describe()"))?;
         drop(probe);
         // Counters touched by the probe's configure are reset so that every worker starts at 0.
         plugin.shared.reset();
@@ -155,7 +182,9 @@ impl Runtime {
     /// no WASI capability is granted) and type-checks its exports against the world.
     pub(super) fn pre(&self, component: &Component) -> Result<BalancerPre<StoreData>> {
         let mut linker = self.inner.linker.clone();
-        linker.define_unknown_imports_as_traps(component).map_err(wasm_err)?;
+        linker
+            .define_unknown_imports_as_traps(component)
+            .map_err(wasm_err)?;
         let instance_pre = linker.instantiate_pre(component).map_err(wasm_err)?;
         BalancerPre::new(instance_pre).map_err(|e| {
             let missing = super::inspect::missing_exports(&self.inner.engine, component);
@@ -332,7 +361,13 @@ impl PluginStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let total = WorkerStats::default();
         add(&total, &self.retired);
-        for w in self.workers.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade) {
+        for w in self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+        {
             add(&total, &w);
         }
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -47,9 +47,13 @@ impl std::fmt::Display for Fault {
         match self {
             Fault::Timeout => f.write_str("timed out"),
             Fault::Trap(m) => write!(f, "{m}"),
-            Fault::OutOfRange { index, len } => write!(f, "returned index {index}, out of range (pool has {len})"),
+            Fault::OutOfRange { index, len } => {
+                write!(f, "returned index {index}, out of range (pool has {len})")
+            }
             Fault::Unhealthy(i) => write!(f, "returned unhealthy backend {i}"),
-            Fault::AlreadyTried(i) => write!(f, "returned backend {i}, which already failed this request"),
+            Fault::AlreadyTried(i) => {
+                write!(f, "returned backend {i}, which already failed this request")
+            }
             Fault::Full(i) => write!(f, "returned backend {i}, which is at its connection limit"),
             Fault::Suspended => f.write_str("suspended after repeated faults"),
             Fault::Unavailable(m) => write!(f, "no instance: {m}"),
@@ -124,7 +128,12 @@ impl Selector {
     }
 
     /// Picks a backend for `request` among `view`'s servers, never one in `tried`.
-    pub fn choose(&mut self, view: &Arc<dyn PoolView>, request: &mut RequestInfo, tried: &[usize]) -> Pick {
+    pub fn choose(
+        &mut self,
+        view: &Arc<dyn PoolView>,
+        request: &mut RequestInfo,
+        tried: &[usize],
+    ) -> Pick {
         let fresh_list = view.generation() != self.generation;
         if fresh_list {
             let servers = view.servers();
@@ -169,14 +178,20 @@ impl Selector {
             Ok(None) => {
                 self.consecutive_faults = 0;
                 self.stats.refusals.fetch_add(1, Ordering::Relaxed);
-                Pick { index: None, source: PickSource::Plugin }
+                Pick {
+                    index: None,
+                    source: PickSource::Plugin,
+                }
             }
             Ok(Some(index)) => {
                 let i = index as usize;
                 let fault = if i >= view.len() {
                     // A wrong index is a bug in the plugin's state: start it afresh.
                     self.instance = None;
-                    Some(Fault::OutOfRange { index, len: view.len() })
+                    Some(Fault::OutOfRange {
+                        index,
+                        len: view.len(),
+                    })
                 } else if !self.healthy.get(i).copied().unwrap_or(false) {
                     Some(Fault::Unhealthy(i))
                 } else if tried.contains(&i) {
@@ -190,9 +205,14 @@ impl Selector {
                     None => {
                         self.consecutive_faults = 0;
                         self.cooldown = MIN_COOLDOWN;
-                        Pick { index: Some(i), source: PickSource::Plugin }
+                        Pick {
+                            index: Some(i),
+                            source: PickSource::Plugin,
+                        }
                     }
-                    Some(f @ (Fault::AlreadyTried(_) | Fault::Full(_))) => self.fallback(view, tried, f),
+                    Some(f @ (Fault::AlreadyTried(_) | Fault::Full(_))) => {
+                        self.fallback(view, tried, f)
+                    }
                     Some(f) => {
                         self.stats.bad_answers.fetch_add(1, Ordering::Relaxed);
                         self.note_fault(&f);
@@ -230,7 +250,9 @@ impl Selector {
             self.cooldown = (self.cooldown * 2).min(MAX_COOLDOWN);
             self.consecutive_faults = 0;
         }
-        let due = self.last_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        let due = self
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
         if due {
             tracing::warn!(
                 plugin = %self.plugin.name(),
@@ -268,7 +290,10 @@ impl Selector {
             }
         }
         self.column = column;
-        Pick { index: best.map(|(i, _)| i), source: PickSource::Fallback(fault) }
+        Pick {
+            index: best.map(|(i, _)| i),
+            source: PickSource::Fallback(fault),
+        }
     }
 }
 

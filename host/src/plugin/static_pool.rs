@@ -29,7 +29,11 @@ impl StaticPool {
 
     /// `n` healthy servers `127.0.0.1:9101`… with weight 1.
     pub fn with_servers(n: usize) -> Arc<Self> {
-        Self::new((0..n).map(|i| ServerInfo::new(i as u32, format!("127.0.0.1:{}", 9101 + i))).collect())
+        Self::new(
+            (0..n)
+                .map(|i| ServerInfo::new(i as u32, format!("127.0.0.1:{}", 9101 + i)))
+                .collect(),
+        )
     }
 
     /// Sets server `i`'s in-flight count.

@@ -20,7 +20,13 @@ pub fn type_text(t: &Type) -> String {
         Type::String => "string".into(),
         Type::List(l) => format!("list<{}>", type_text(&l.ty())),
         Type::Record(_) => "record".into(),
-        Type::Tuple(t) => format!("tuple<{}>", t.types().map(|x| type_text(&x)).collect::<Vec<_>>().join(", ")),
+        Type::Tuple(t) => format!(
+            "tuple<{}>",
+            t.types()
+                .map(|x| type_text(&x))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Type::Variant(_) => "variant".into(),
         Type::Enum(_) => "enum".into(),
         Type::Option(o) => format!("option<{}>", type_text(&o.ty())),

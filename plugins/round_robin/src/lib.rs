@@ -9,7 +9,8 @@ use lbwasm_plugin::{Host, Options, Plugin, Pool};
 pub struct RoundRobin;
 
 impl Plugin for RoundRobin {
-    const DESCRIPTION: &'static str = "round robin over healthy servers, exact across worker threads";
+    const DESCRIPTION: &'static str =
+        "round robin over healthy servers, exact across worker threads";
 
     fn configure(_options: &mut Options) -> Result<Self, String> {
         Ok(RoundRobin)
@@ -34,12 +35,19 @@ mod tests {
 
     #[test]
     fn rotates_over_healthy_servers() {
-        let pool = Pool::new(vec![Server::new(0, "a"), Server::new(1, "b").down(), Server::new(2, "c")]);
+        let pool = Pool::new(vec![
+            Server::new(0, "a"),
+            Server::new(1, "b").down(),
+            Server::new(2, "c"),
+        ]);
         let host = MockHost::new(3);
         let mut rr = RoundRobin;
         let picks: Vec<u32> = (0..4).map(|_| rr.choose(&pool, &host).unwrap()).collect();
         assert_eq!(picks, vec![0, 2, 0, 2]);
-        assert_eq!(rr.choose(&Pool::new(vec![Server::new(0, "a").down()]), &host), None);
+        assert_eq!(
+            rr.choose(&Pool::new(vec![Server::new(0, "a").down()]), &host),
+            None
+        );
     }
 
     #[test]

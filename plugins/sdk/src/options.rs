@@ -149,6 +149,10 @@ mod tests {
         );
         assert!(o.choice("c", "fnv1a", &["fnv1a", "xxh3"]).is_ok());
         let mut o = Options::from_pairs(&[("f", "NaN")]);
-        assert!(o.number("f", 0.5f64, 0.0, 10.0).unwrap_err().contains("`f`"));
+        assert!(
+            o.number("f", 0.5f64, 0.0, 10.0)
+                .unwrap_err()
+                .contains("`f`")
+        );
     }
 }
