@@ -17,6 +17,7 @@
 //!
 //! None.
 
+use lbwasm_plugin::select::least_by_key;
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The least-connections algorithm. Takes no options.
@@ -37,18 +38,17 @@ impl Plugin for LeastConnections {
             return None;
         }
         let in_flight = host.in_flight();
-        let score = |i: u32| {
-            let n = in_flight.get(i as usize).copied().unwrap_or(0);
-            let max = pool.server(i).max_connections;
-            if max > 0 && n >= max {
-                f64::INFINITY
-            } else {
-                f64::from(n)
-            }
-        };
         let rotation = self.rotation;
         self.rotation = self.rotation.wrapping_add(1);
-        lbwasm_plugin::select::min_by_score(pool, rotation, score)
+        let load = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
+        if pool.has_limits() {
+            least_by_key(pool, rotation, |i| {
+                let n = load(i);
+                pool.has_room(i, n).then_some(n)
+            })
+        } else {
+            least_by_key(pool, rotation, |i| Some(load(i)))
+        }
     }
 }
 

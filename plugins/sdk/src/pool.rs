@@ -74,6 +74,7 @@ pub struct Pool {
     /// Every server, in the host's order; `choose` returns an index into this.
     pub servers: Vec<Server>,
     eligible: Vec<u32>,
+    has_limits: bool,
 }
 
 impl Pool {
@@ -82,6 +83,7 @@ impl Pool {
         Pool {
             servers: Vec::new(),
             eligible: Vec::new(),
+            has_limits: false,
         }
     }
 
@@ -93,7 +95,12 @@ impl Pool {
             .filter(|(_, s)| s.healthy)
             .map(|(i, _)| i as u32)
             .collect();
-        Pool { servers, eligible }
+        let has_limits = servers.iter().any(|s| s.max_connections > 0);
+        Pool {
+            servers,
+            eligible,
+            has_limits,
+        }
     }
 
     /// Indices of the healthy servers, ascending.
@@ -104,6 +111,18 @@ impl Pool {
     /// The server at `index` (an index from [`Pool::eligible`] or a column).
     pub fn server(&self, index: u32) -> &Server {
         &self.servers[index as usize]
+    }
+
+    /// Whether any server has a connection limit: when none has, the per-request loops can
+    /// skip the check (and the trip to each `Server` it costs).
+    pub fn has_limits(&self) -> bool {
+        self.has_limits
+    }
+
+    /// Whether eligible server `index` can take one more request, given its in-flight count.
+    pub fn has_room(&self, index: u32, in_flight: u32) -> bool {
+        let max = self.server(index).max_connections;
+        max == 0 || in_flight < max
     }
 
     /// Sum of the effective weights of the eligible servers.

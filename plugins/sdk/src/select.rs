@@ -25,6 +25,40 @@ where
     tied().nth(turn as usize)
 }
 
+/// [`min_by_score`] for integer keys, the fast path for per-request scans of large pools:
+/// one pass finds the minimum and counts the ties, a second pass (stopping early) takes the
+/// `rotation`-th tie. `key` returns `None` for a server that cannot be used (e.g. full).
+pub fn least_by_key<K, F>(pool: &Pool, rotation: u64, key: F) -> Option<u32>
+where
+    K: Ord + Copy,
+    F: Fn(u32) -> Option<K>,
+{
+    let mut best: Option<K> = None;
+    let mut ties = 0u64;
+    for &i in pool.eligible() {
+        let Some(k) = key(i) else { continue };
+        match best {
+            Some(b) if k > b => {}
+            Some(b) if k == b => ties += 1,
+            _ => {
+                best = Some(k);
+                ties = 1;
+            }
+        }
+    }
+    let best = best?;
+    let mut turn = rotation % ties;
+    for &i in pool.eligible() {
+        if key(i) == Some(best) {
+            if turn == 0 {
+                return Some(i);
+            }
+            turn -= 1;
+        }
+    }
+    None
+}
+
 /// Picks among the eligible servers in proportion to `weight(i)` using `random` bits.
 /// Servers with weight 0 are skipped; `None` when the total is 0.
 pub fn weighted_pick<F>(pool: &Pool, random: u64, mut weight: F) -> Option<u32>
@@ -80,6 +114,12 @@ mod tests {
             .collect();
         assert_eq!(picks, vec![2, 3, 2, 3]);
         assert_eq!(min_by_score(&pool, 0, |_| f64::INFINITY), None);
+        let picks: Vec<u32> = (0..4)
+            .map(|r| least_by_key(&pool, r, |i| Some(score(i) as u32)).unwrap())
+            .collect();
+        assert_eq!(picks, vec![2, 3, 2, 3]);
+        assert_eq!(least_by_key(&pool, 0, |i| (i == 1).then_some(5)), Some(1));
+        assert_eq!(least_by_key::<u32, _>(&pool, 0, |_| None), None);
         assert_eq!(
             min_by_score(&pool, 0, |i| if i == 2 { 0.0 } else { 1.0 }),
             Some(2)

@@ -19,39 +19,56 @@
 //!
 //! None.
 
+use lbwasm_plugin::select::least_by_key;
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The weighted least-connections algorithm. Takes no options.
 pub struct WeightedLeastConnections {
     /// Whose turn it is among tied servers; advances on every pick.
     rotation: u64,
+    /// Effective weight of every server, by pool index (kept out of the per-request loop).
+    weights: Vec<u32>,
 }
 
 impl Plugin for WeightedLeastConnections {
     const DESCRIPTION: &'static str = "weighted least connections ((in-flight + 1) / weight)";
 
     fn configure(_options: &mut Options) -> Result<Self, String> {
-        Ok(WeightedLeastConnections { rotation: 0 })
+        Ok(WeightedLeastConnections {
+            rotation: 0,
+            weights: Vec::new(),
+        })
+    }
+
+    fn set_servers(&mut self, pool: &Pool) {
+        self.weights = pool.servers.iter().map(|s| s.effective_weight()).collect();
     }
 
     fn choose(&mut self, pool: &Pool, host: &dyn Host) -> Option<u32> {
         if pool.eligible().is_empty() {
             return None;
         }
+        if self.weights.len() != pool.servers.len() {
+            self.set_servers(pool); // a host that did not push the pool first
+        }
         let in_flight = host.in_flight();
-        let score = |i: u32| {
-            let n = in_flight.get(i as usize).copied().unwrap_or(0);
-            let server = pool.server(i);
-            let max = server.max_connections;
-            if max > 0 && n >= max {
-                f64::INFINITY
-            } else {
-                (f64::from(n) + 1.0) / f64::from(server.effective_weight())
-            }
-        };
         let rotation = self.rotation;
         self.rotation = self.rotation.wrapping_add(1);
-        lbwasm_plugin::select::min_by_score(pool, rotation, score)
+        let weights = &self.weights;
+        // (in_flight + 1) / weight as an exact fixed-point integer: equal ratios tie exactly.
+        let key = |i: u32, n: u32| {
+            let w = weights.get(i as usize).copied().unwrap_or(1).max(1);
+            ((n as u128 + 1) << 64) / w as u128
+        };
+        let load = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
+        if pool.has_limits() {
+            least_by_key(pool, rotation, |i| {
+                let n = load(i);
+                pool.has_room(i, n).then(|| key(i, n))
+            })
+        } else {
+            least_by_key(pool, rotation, |i| Some(key(i, load(i))))
+        }
     }
 }
 
