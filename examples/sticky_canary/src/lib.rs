@@ -95,12 +95,12 @@ impl Plugin for StickyCanary {
                 return Some(canary);
             }
         }
-        // Round robin over the others. `host.next(0)` is a counter shared by every worker
+        // Round robin over the others. `host.sequence()` is a counter shared by every worker
         // thread, so the rotation is exact across the whole proxy.
         if self.others.is_empty() {
             return None; // nothing healthy at all: the proxy answers 503
         }
-        let n = host.next(0);
+        let n = host.sequence();
         Some(self.others[(n % self.others.len() as u64) as usize])
     }
 }

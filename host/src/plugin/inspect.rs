@@ -16,7 +16,7 @@ const REQUIRED: &[(&str, &str)] = &[
         "func(options: list<tuple<string, string>>) -> result<_, string>",
     ),
     ("set-servers", "func(servers: list<record>) -> ()"),
-    ("choose", "func() -> option<u32>"),
+    ("choose", "func(sequence: u64) -> option<u32>"),
 ];
 
 /// Interfaces lbwasm provides; every other import is linked to a trap (no capability).

@@ -94,7 +94,13 @@ impl Instance {
     pub fn choose(&mut self, request: &mut RequestInfo) -> Result<Option<u32>, wasmtime::Error> {
         std::mem::swap(&mut self.store.data_mut().request, request);
         self.arm();
-        let result = self.bindings.call_choose(&mut self.store);
+        let sequence = self
+            .store
+            .data()
+            .shared
+            .sequence
+            .fetch_add(1, Ordering::Relaxed);
+        let result = self.bindings.call_choose(&mut self.store, sequence);
         std::mem::swap(&mut self.store.data_mut().request, request);
         result
     }

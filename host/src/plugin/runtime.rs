@@ -286,9 +286,11 @@ impl Plugin {
     }
 }
 
-/// The counters behind the WIT `shared` interface: one set per loaded plugin.
+/// The global `choose` sequence and the counters behind the WIT `shared` interface: one set
+/// per loaded plugin, shared by all its instances.
 #[derive(Default)]
 pub(super) struct SharedCounters {
+    pub(super) sequence: AtomicU64,
     counters: [AtomicI64; 8],
 }
 
@@ -298,6 +300,7 @@ impl SharedCounters {
     }
 
     fn reset(&self) {
+        self.sequence.store(0, Ordering::Relaxed);
         for c in &self.counters {
             c.store(0, Ordering::Relaxed);
         }

@@ -279,7 +279,7 @@ impl Plugin for LeastLoaded {
             [one] => Some(*one),
             // Only a tie costs the shared-counter call; the global sequence spreads the tie
             // evenly across worker threads too.
-            _ => Some(tied[(host.next(0) % tied.len() as u64) as usize]),
+            _ => Some(tied[(host.sequence() % tied.len() as u64) as usize]),
         }
     }
 }

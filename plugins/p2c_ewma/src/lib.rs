@@ -72,7 +72,7 @@ impl Plugin for P2cEwma {
         let seed = self.seed;
         let rng = self
             .rng
-            .get_or_insert_with(|| Rng::new(seed ^ splitmix64(host.next(0))));
+            .get_or_insert_with(|| Rng::new(seed ^ splitmix64(host.sequence())));
         let first = rng.below(n);
         // Draw the second from the other n − 1, so the two are distinct without a retry loop.
         let mut second = rng.below(n - 1);
@@ -205,6 +205,9 @@ mod tests {
     struct Counting(MockHost, Cell<u32>);
 
     impl Host for Counting {
+        fn sequence(&self) -> u64 {
+            self.0.sequence()
+        }
         fn in_flight(&self) -> Vec<u32> {
             panic!("p2c must not read a whole column")
         }

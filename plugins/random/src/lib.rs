@@ -3,7 +3,7 @@
 //!
 //! This is NGINX's `random` upstream method without `two` (ngx_http_upstream_random_module,
 //! which also draws in proportion to weights), made reproducible: the random bits are
-//! `splitmix64(seed ^ splitmix64(n))`, where `n` is the host's shared sequence (counter 0).
+//! `splitmix64(seed ^ splitmix64(n))`, where `n` is the host's shared sequence (`choose`'s `sequence` argument).
 //! Every worker thread therefore draws from one global, seeded sequence: the same seed and
 //! the same request order give the same picks, and no instance keeps generator state.
 //! SplitMix64 is from Steele, Lea & Flood, "Fast splittable pseudorandom number generators"
@@ -66,7 +66,7 @@ impl Plugin for WeightedRandom {
             self.rebuild(pool);
         }
         let total = *self.cumulative.last()?;
-        let random = splitmix64(self.seed ^ splitmix64(host.next(0)));
+        let random = splitmix64(self.seed ^ splitmix64(host.sequence()));
         let target = bounded(random, total);
         let k = self.cumulative.partition_point(|&c| c <= target);
         self.indices.get(k).copied()

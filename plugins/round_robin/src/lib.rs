@@ -21,7 +21,7 @@ impl Plugin for RoundRobin {
         if eligible.is_empty() {
             return None;
         }
-        let n = host.next(0);
+        let n = host.sequence();
         Some(eligible[(n % eligible.len() as u64) as usize])
     }
 }

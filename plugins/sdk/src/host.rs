@@ -26,6 +26,10 @@ pub enum Protocol {
 /// The proxy, as seen from `choose`. On wasm every method is one host call, so read each
 /// figure once per `choose` and only the ones the algorithm needs.
 pub trait Host {
+    /// This request's number in the sequence of `choose` calls of this plugin, shared by
+    /// every worker thread (0, 1, 2…): a global rotation is `sequence % n`. Free to read (it
+    /// is the call's argument, not a host call).
+    fn sequence(&self) -> u64;
     /// In-flight count of every server, indexed like the pool.
     fn in_flight(&self) -> Vec<u32>;
     /// Peak-EWMA latency (µs, 0 = unknown) of every server.
@@ -48,7 +52,7 @@ pub trait Host {
     fn hash_key(&self) -> Option<String>;
     /// 0 on the first try, n on the n-th retry.
     fn attempt(&self) -> u32;
-    /// Global sequence shared by all instances: returns the value, then adds one.
+    /// A further counter shared by all instances: returns the value, then adds one.
     fn next(&self, counter: u8) -> u64;
     /// Adds to a shared counter, returns the new value.
     fn add(&self, counter: u8, delta: i64) -> i64;

@@ -75,8 +75,8 @@ macro_rules! export_plugin {
                 fn set_servers(servers: Vec<WitServer>) {
                     STATE.with(|s| s.borrow_mut().set_servers(servers))
                 }
-                fn choose() -> Option<u32> {
-                    STATE.with(|s| s.borrow_mut().choose())
+                fn choose(sequence: u64) -> Option<u32> {
+                    STATE.with(|s| s.borrow_mut().choose(sequence))
                 }
             }
             $crate::rt::bindings::__export_lbwasm_balancer!(Export with_types_in $crate::rt::bindings);

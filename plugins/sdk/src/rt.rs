@@ -53,13 +53,13 @@ impl<P: Plugin> State<P> {
         }
     }
 
-    pub fn choose(&mut self) -> Option<u32> {
+    pub fn choose(&mut self, sequence: u64) -> Option<u32> {
         if self.plugin.is_none() {
             // The host always configures first; be safe if a custom host does not.
             self.configure(Vec::new()).ok()?;
         }
         let plugin = self.plugin.as_mut()?;
-        plugin.choose(&self.pool, &WasmHost)
+        plugin.choose(&self.pool, &WasmHost { sequence })
     }
 }
 
@@ -86,9 +86,14 @@ fn from_wit(s: types::Server) -> Server {
 }
 
 /// [`Host`] over the component's imports.
-struct WasmHost;
+struct WasmHost {
+    sequence: u64,
+}
 
 impl Host for WasmHost {
+    fn sequence(&self) -> u64 {
+        self.sequence
+    }
     fn in_flight(&self) -> Vec<u32> {
         load::in_flight()
     }

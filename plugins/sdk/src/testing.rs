@@ -25,6 +25,7 @@ pub struct MockHost {
     pub hash_key: RefCell<Option<String>>,
     /// Retry attempt.
     pub attempt: Cell<u32>,
+    sequence: Cell<u64>,
     counters: RefCell<[i64; 8]>,
 }
 
@@ -59,6 +60,13 @@ impl MockHost {
 }
 
 impl Host for MockHost {
+    /// Each read stands for one `choose` call: 0, 1, 2… (read it once per `choose`, as the
+    /// real host hands one number per call).
+    fn sequence(&self) -> u64 {
+        let n = self.sequence.get();
+        self.sequence.set(n + 1);
+        n
+    }
     fn in_flight(&self) -> Vec<u32> {
         self.loads.borrow().iter().map(|l| l.in_flight).collect()
     }

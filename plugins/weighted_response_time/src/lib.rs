@@ -9,7 +9,7 @@
 //! Netflix Ribbon's `WeightedResponseTimeRule`; this plugin uses the inverse of the latency
 //! (throughput-like) rather than Ribbon's "total minus own average". The pick itself is
 //! weighted random with bits from `splitmix64(n ^ seed)`, `n` being the host's shared
-//! sequence (counter 0), so the draws are one global, seeded sequence across worker threads.
+//! sequence (`choose`'s `sequence` argument), so the draws are one global, seeded sequence across worker threads.
 //!
 //! Servers without a sample yet (latency 0) are probed: while some eligible server has no
 //! sample and nothing in flight, the request goes to it (taking turns, per instance, when
@@ -81,7 +81,7 @@ impl Plugin for WeightedResponseTime {
         // Zero when no server has a sample: every server then gets the floor, i.e. shares
         // follow the weights alone.
         let slowest = eligible.iter().map(|&i| latency_of(i)).max().unwrap_or(0);
-        let random = splitmix64(host.next(0) ^ self.seed);
+        let random = splitmix64(host.sequence() ^ self.seed);
         weighted_pick(pool, random, |i| {
             let l = match latency_of(i) {
                 0 => slowest,

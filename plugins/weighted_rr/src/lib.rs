@@ -20,7 +20,7 @@
 //! interleaved (bursts included). The sequence is deterministic and periodic, though: after
 //! `P` picks, `P` being the sum of the weights divided by their gcd, every `current` is back
 //! to 0. So `set_servers` computes one period, and `choose` takes its element at the host's
-//! shared sequence number (counter 0): the n-th request of the whole proxy gets the n-th
+//! shared sequence number (`choose`'s `sequence` argument): the n-th request of the whole proxy gets the n-th
 //! element, whichever worker serves it.
 //!
 //! # Fallback for long periods
@@ -143,7 +143,7 @@ impl Plugin for WeightedRoundRobin {
                 if schedule.is_empty() {
                     return None;
                 }
-                let n = host.next(0);
+                let n = host.sequence();
                 Some(schedule[(n % schedule.len() as u64) as usize])
             }
             Mode::Stateful {
