@@ -76,7 +76,17 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
     let fits = match runtime.pre(&component) {
         Ok(_) if missing.is_empty() => {
             writeln!(out, "  fits the world lbwasm:balancer/balancer@0.1.0")?;
-            true
+            // Fitting the types is not enough: start one instance as the proxy would.
+            match runtime.load_bytes(name, bytes, &[]) {
+                Ok(p) => {
+                    writeln!(out, "  starts: describe() = {:?}", p.description())?;
+                    true
+                }
+                Err(e) => {
+                    writeln!(out, "  but does NOT start with default options: {e:#}")?;
+                    false
+                }
+            }
         }
         Ok(_) => {
             writeln!(
