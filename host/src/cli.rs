@@ -20,10 +20,15 @@ pub struct Cli {
 /// The commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the proxy: listeners, backends and the plugin that balances them.
+    Serve(crate::config::ServeArgs),
     /// Run demo backend servers that report their real CPU, memory and connection load.
     Backend(crate::backend::BackendArgs),
     /// List the built-in plugins, or inspect a component file.
     Plugins(PluginsArgs),
+    /// Run backends, the proxy and simulated clients in one process, compare the plugins
+    /// in a suite of experiments, and write a report (HTML, charts, JSON, CSV).
+    Simulate(crate::simulate::SimulateArgs),
 }
 
 /// `lbwasm plugins [inspect FILE]`.
@@ -60,11 +65,22 @@ pub fn init_tracing(level: Option<&str>) {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::serve::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Backend(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(crate::backend::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate(args) => {
+            crate::simulate::run_blocking(args, cli.log_level.is_some())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins(PluginsArgs { action: None }) => list_plugins(),

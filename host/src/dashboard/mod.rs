@@ -1,0 +1,503 @@
+//! The live dashboard on the admin listener: `GET /` (an operator page), `GET /assets/...`
+//! (its script and style, embedded in the binary: no CDN, no build step) and `GET /events`,
+//! a Server-Sent Events stream of one JSON snapshot per second.
+//!
+//! One producer per server samples the pools every second: request counters become rates
+//! by difference, and each backend's latency window ([`Backend::take_latency_window`])
+//! gives that interval's p50/p99 — so the producer must stay the windows' only reader. The
+//! snapshot is serialised once and handed to every open page through a `watch` channel: a
+//! slow browser skips snapshots instead of queueing them. The last five minutes are kept in
+//! compact form, so a page opened (or reconnected) late draws its charts at once.
+//!
+//! Nothing here changes state: the page's controls call the admin API like any client.
+//! The page and assets hold no data and are served without a token; with a token
+//! configured `/events` needs it like the API does — also as `?token=`, since
+//! `EventSource` cannot send headers.
+//!
+//! [`Backend::take_latency_window`]: crate::pool::Backend::take_latency_window
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+use crate::plugin::StatsSnapshot;
+use crate::pool::BackendState;
+use crate::serve::Control;
+
+/// Body of every admin response: whole (JSON, assets) or streamed (events).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+/// Time between snapshots.
+pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// Snapshots kept for the charts: five minutes.
+const HISTORY: usize = 300;
+
+/// The page only talks to its own origin.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// A whole body.
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+/// The dashboard of one server: the producer's latest snapshot and history.
+pub struct Dashboard {
+    control: Arc<Control>,
+    latest: watch::Sender<Bytes>,
+    history: Mutex<Vec<VecDeque<Point>>>,
+}
+
+impl Dashboard {
+    /// Starts the producer on the current tokio runtime; it stops when the dashboard is
+    /// dropped.
+    pub fn start(control: Arc<Control>) -> Arc<Self> {
+        let (latest, _) = watch::channel(Bytes::new());
+        let dashboard = Arc::new(Dashboard {
+            control,
+            latest,
+            history: Mutex::new(Vec::new()),
+        });
+        tokio::spawn(produce(Arc::downgrade(&dashboard)));
+        dashboard
+    }
+
+    /// Answers the dashboard's own paths; `None` for everything else (the admin API's).
+    pub fn route<B>(&self, req: &Request<B>, token: Option<&str>) -> Option<Response<Body>> {
+        if req.method() != Method::GET {
+            return None;
+        }
+        let res = match req.uri().path() {
+            "/" | "/index.html" => asset(INDEX_HTML, "text/html; charset=utf-8"),
+            "/assets/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
+            "/assets/style.css" => asset(STYLE_CSS, "text/css; charset=utf-8"),
+            "/events" => match token {
+                Some(t) if !authorized(req, t) => unauthorized(),
+                _ => self.events(),
+            },
+            _ => return None,
+        };
+        Some(res)
+    }
+
+    /// The event stream: reconnect delay, history, the latest snapshot, then each new one.
+    fn events(&self) -> Response<Body> {
+        let mut rx = self.latest.subscribe();
+        let mut head = format!(
+            "retry: 1000\n\nevent: history\ndata: {}\n\n",
+            self.history_json()
+        );
+        head.push_str(&String::from_utf8_lossy(&rx.borrow_and_update()));
+        let frames = futures_util::stream::unfold(
+            (rx, Some(Bytes::from(head))),
+            |(mut rx, head)| async move {
+                if let Some(head) = head {
+                    return Some((Ok::<_, Infallible>(Frame::data(head)), (rx, None)));
+                }
+                // Ends when the producer stops; a closed page ends it at the next write.
+                rx.changed().await.ok()?;
+                let next = rx.borrow_and_update().clone();
+                Some((Ok(Frame::data(next)), (rx, None)))
+            },
+        );
+        let mut res = Response::new(StreamBody::new(frames).boxed_unsync());
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        res
+    }
+
+    fn history_json(&self) -> String {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_name = Map::new();
+        for (l, points) in self.control.listeners.iter().zip(history.iter()) {
+            by_name.insert(l.name.clone(), json!(points));
+        }
+        Value::Object(by_name).to_string()
+    }
+
+    fn remember(&self, snapshot: &Snapshot) {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.resize_with(snapshot.listeners.len(), VecDeque::new);
+        for (points, l) in history.iter_mut().zip(&snapshot.listeners) {
+            if points.len() == HISTORY {
+                points.pop_front();
+            }
+            points.push_back(Point {
+                t: snapshot.t_ms,
+                rps: l.rps,
+                p50: l.p50_us,
+                p99: l.p99_us,
+                share: l.backends.iter().map(|b| (b.id, b.share)).collect(),
+            });
+        }
+    }
+}
+
+fn asset(text: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut res = Response::new(full(text));
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Small, and must follow the binary on upgrade: revalidate every time.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    res
+}
+
+/// The token as a bearer header, or as `?token=` (for `EventSource`).
+fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.strip_prefix("Bearer "))
+        .map(|s| s.trim().to_string());
+    let query = req.uri().query().and_then(|q| {
+        q.split('&').find_map(|pair| {
+            pair.strip_prefix("token=")
+                .map(crate::admin::percent_decode)
+        })
+    });
+    [header, query]
+        .into_iter()
+        .flatten()
+        .any(|given| crate::admin::same(given.as_bytes(), token.as_bytes()))
+}
+
+fn unauthorized() -> Response<Body> {
+    let body = json!({"error": "this admin endpoint needs a token: send Authorization: Bearer <token> (or ?token= for /events)"});
+    let mut res = Response::new(full(format!("{body}\n")));
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    res
+}
+
+/// Samples every [`PERIOD`] while the dashboard lives.
+async fn produce(dashboard: Weak<Dashboard>) {
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sampler = Sampler::default();
+    loop {
+        tick.tick().await;
+        let Some(d) = dashboard.upgrade() else { return };
+        let snapshot = sampler.sample(&d.control);
+        d.remember(&snapshot);
+        match serde_json::to_string(&snapshot) {
+            Ok(text) => {
+                d.latest
+                    .send_replace(Bytes::from(format!("data: {text}\n\n")));
+            }
+            Err(error) => tracing::warn!(%error, "dashboard: cannot serialise a snapshot"),
+        }
+    }
+}
+
+/// One second of the whole server, as sent to the page.
+#[derive(Serialize)]
+struct Snapshot {
+    /// Unix time, ms.
+    t_ms: u64,
+    /// Since the previous snapshot (0 on the first).
+    interval_ms: u64,
+    builtins: Vec<&'static str>,
+    listeners: Vec<ListenerTick>,
+}
+
+#[derive(Serialize)]
+struct ListenerTick {
+    name: String,
+    listen: String,
+    protocol: String,
+    healthy: usize,
+    rps: f64,
+    p50_us: Option<u64>,
+    p99_us: Option<u64>,
+    plugin: PluginTick,
+    backends: Vec<BackendTick>,
+}
+
+#[derive(Serialize)]
+struct PluginTick {
+    name: String,
+    description: String,
+    calls_per_s: f64,
+    #[serde(flatten)]
+    stats: StatsSnapshot,
+}
+
+#[derive(Serialize)]
+struct BackendTick {
+    id: u32,
+    address: String,
+    weight: u32,
+    status: &'static str,
+    healthy: bool,
+    in_flight: u32,
+    requests: u64,
+    failures: u64,
+    rps: f64,
+    /// Of the listener's requests in the interval, 0..=1.
+    share: f64,
+    p50_us: Option<u64>,
+    p99_us: Option<u64>,
+    /// The peak-EWMA plugins see.
+    ewma_us: u32,
+    cpu_percent: Option<f32>,
+    memory_percent: Option<f32>,
+}
+
+/// A listener's second in the charts' history: `share` is `[backend id, share]` pairs.
+#[derive(Clone, Serialize)]
+struct Point {
+    t: u64,
+    rps: f64,
+    p50: Option<u64>,
+    p99: Option<u64>,
+    share: Vec<(u32, f64)>,
+}
+
+/// Counters at the previous sample, to turn them into rates.
+#[derive(Default)]
+struct Sampler {
+    at: Option<Instant>,
+    /// Backend id → completed requests.
+    requests: HashMap<u32, u64>,
+    /// Listener index → (plugin identity, calls): a swapped plugin starts from zero.
+    calls: HashMap<usize, (usize, u64)>,
+}
+
+impl Sampler {
+    fn sample(&mut self, control: &Control) -> Snapshot {
+        let now = Instant::now();
+        let secs = self
+            .at
+            .map(|at| now.saturating_duration_since(at).as_secs_f64());
+        self.at = Some(now);
+        let mut requests = HashMap::with_capacity(self.requests.len());
+        let mut listeners = Vec::with_capacity(control.listeners.len());
+        for (l, addr) in control.listeners.iter().zip(&control.listen_addrs) {
+            let snap = l.pool.snapshot();
+            let mut merged: Option<Histogram<u64>> = None;
+            let mut backends = Vec::with_capacity(snap.backends().len());
+            for (b, info) in snap.backends().iter().zip(snap.infos()) {
+                let count = b.requests();
+                let delta = self
+                    .requests
+                    .get(&b.id)
+                    .map(|&prev| count.saturating_sub(prev));
+                requests.insert(b.id, count);
+                let window = b.take_latency_window();
+                let (p50_us, p99_us) = percentiles(window.as_ref());
+                if let Some(w) = window {
+                    match &mut merged {
+                        // Same bounds for every window: adding cannot fail.
+                        Some(m) => {
+                            let _ = m.add(&w);
+                        }
+                        None => merged = Some(w),
+                    }
+                }
+                backends.push(BackendTick {
+                    id: b.id,
+                    address: b.address().to_string(),
+                    weight: info.weight,
+                    status: status(&b.state(), info.warmup),
+                    healthy: info.healthy,
+                    in_flight: b.in_flight(),
+                    requests: count,
+                    failures: b.failures(),
+                    rps: rate(delta, secs),
+                    share: 0.0,
+                    p50_us,
+                    p99_us,
+                    ewma_us: b.latency_us(),
+                    cpu_percent: info.cpu_percent,
+                    memory_percent: info.memory_percent,
+                });
+            }
+            let rps: f64 = backends.iter().map(|b| b.rps).sum();
+            if rps > 0.0 {
+                for b in &mut backends {
+                    b.share = round(b.rps / rps, 1e4);
+                }
+            }
+            let plugin = l.plugin.load_full();
+            let stats = plugin.stats();
+            let identity = Arc::as_ptr(&plugin) as usize;
+            let calls = match self.calls.insert(l.index, (identity, stats.calls)) {
+                Some((same, prev)) if same == identity => Some(stats.calls.saturating_sub(prev)),
+                Some(_) => Some(stats.calls),
+                None => None,
+            };
+            let (p50_us, p99_us) = percentiles(merged.as_ref());
+            listeners.push(ListenerTick {
+                name: l.name.clone(),
+                listen: addr.to_string(),
+                protocol: l.protocol.to_string(),
+                healthy: snap.healthy_count(),
+                rps: round(rps, 10.0),
+                p50_us,
+                p99_us,
+                plugin: PluginTick {
+                    name: plugin.name().to_string(),
+                    description: plugin.description().to_string(),
+                    calls_per_s: rate(calls, secs),
+                    stats,
+                },
+                backends,
+            });
+        }
+        self.requests = requests;
+        let t_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Snapshot {
+            t_ms,
+            interval_ms: secs.map_or(0, |s| (s * 1000.0).round() as u64),
+            builtins: crate::plugin::builtin::names().collect(),
+            listeners,
+        }
+    }
+}
+
+/// Events per second, to 0.1; 0 without a previous sample.
+fn rate(delta: Option<u64>, secs: Option<f64>) -> f64 {
+    match (delta, secs) {
+        (Some(d), Some(s)) if s > 0.0 => round(d as f64 / s, 10.0),
+        _ => 0.0,
+    }
+}
+
+fn round(x: f64, scale: f64) -> f64 {
+    (x * scale).round() / scale
+}
+
+/// p50 and p99 of a window, none when it is empty.
+fn percentiles(h: Option<&Histogram<u64>>) -> (Option<u64>, Option<u64>) {
+    match h {
+        Some(h) if !h.is_empty() => (
+            Some(h.value_at_quantile(0.5)),
+            Some(h.value_at_quantile(0.99)),
+        ),
+        _ => (None, None),
+    }
+}
+
+/// One word for the page, most telling first.
+fn status(st: &BackendState, warmup: f32) -> &'static str {
+    if st.draining {
+        "draining"
+    } else if st.ejected_until.is_some() {
+        "ejected"
+    } else if !st.active_up || !st.process_up {
+        "down"
+    } else if warmup < 1.0 {
+        "warming"
+    } else {
+        "up"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{Backend, InFlight};
+
+    #[test]
+    fn rates_need_a_previous_sample() {
+        assert_eq!(rate(None, Some(1.0)), 0.0);
+        assert_eq!(rate(Some(10), None), 0.0);
+        assert_eq!(rate(Some(10), Some(0.0)), 0.0);
+        assert_eq!(rate(Some(15), Some(2.0)), 7.5);
+        assert_eq!(rate(Some(1), Some(3.0)), 0.3);
+    }
+
+    #[test]
+    fn latency_window_gives_interval_percentiles_and_restarts() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, 0);
+        for ms in 1..=100 {
+            InFlight::start(b.clone()).finish(true, Some(Duration::from_millis(ms)), 0);
+        }
+        let w = b.take_latency_window().unwrap();
+        let (p50, p99) = percentiles(Some(&w));
+        assert!((49_000..=51_000).contains(&p50.unwrap()), "{p50:?}");
+        assert!((98_000..=100_000).contains(&p99.unwrap()), "{p99:?}");
+        assert_eq!(
+            percentiles(b.take_latency_window().as_ref()),
+            (None, None),
+            "a new window"
+        );
+    }
+
+    #[test]
+    fn status_names_the_most_telling_state() {
+        let mut st = BackendState::default();
+        assert_eq!(status(&st, 1.0), "up");
+        assert_eq!(status(&st, 0.5), "warming");
+        st.active_up = false;
+        assert_eq!(status(&st, 1.0), "down");
+        st.ejected_until = Some(Instant::now());
+        assert_eq!(status(&st, 1.0), "ejected");
+        st.draining = true;
+        assert_eq!(status(&st, 1.0), "draining");
+    }
+
+    #[test]
+    fn events_token_from_header_or_query() {
+        let req = |uri: &str, auth: Option<&str>| {
+            let mut b = Request::builder().uri(uri);
+            if let Some(a) = auth {
+                b = b.header(header::AUTHORIZATION, a);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(authorized(&req("/events", Some("Bearer s3cret")), "s3cret"));
+        assert!(authorized(&req("/events?token=s3%20cret", None), "s3 cret"));
+        assert!(!authorized(&req("/events?token=nope", None), "s3cret"));
+        assert!(!authorized(&req("/events", None), "s3cret"));
+    }
+
+    #[test]
+    fn assets_are_embedded_and_reference_each_other() {
+        assert!(INDEX_HTML.contains("/assets/app.js") && INDEX_HTML.contains("/assets/style.css"));
+        assert!(APP_JS.contains("EventSource"));
+        assert!(
+            !INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"),
+            "no network"
+        );
+    }
+}

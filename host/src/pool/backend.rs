@@ -1,0 +1,404 @@
+//! [`Backend`]: one upstream server with its live figures, and [`InFlight`], the guard that
+//! keeps those figures honest whatever happens to the request.
+//!
+//! Workers touch only atomics here (in-flight, counters, peak-EWMA, the passive failure
+//! streak), plus one short, per-backend lock to add a latency sample to the window the
+//! dashboard reads each second; the health state behind the mutex is the control plane's,
+//! read when a snapshot is built — never per request.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::plugin::ServerLoad;
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// Microseconds on a process-wide monotonic clock (the peak-EWMA's time base).
+pub(crate) fn clock_us() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// One upstream server. Shared (`Arc`) by the pool snapshots, the workers' in-flight guards
+/// and the control plane; dropped when the last of them lets go, so a removed backend's
+/// in-flight requests finish normally.
+#[derive(Debug)]
+pub struct Backend {
+    /// Process-wide, never reused: plugins key their state on it.
+    pub id: u32,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    addr_text: String,
+    weight: AtomicU32,
+    max_connections: AtomicU32,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    latency: PeakEwma,
+    /// Latency samples (µs) since the dashboard last took them; none only if the constant
+    /// bounds were refused.
+    latency_window: Mutex<Option<Histogram<u64>>>,
+    failure_streak: AtomicU32,
+    eject_pending: AtomicBool,
+    state: Mutex<BackendState>,
+}
+
+/// Control-plane state of a backend: everything that decides `healthy` and the load report.
+/// Changing it means publishing a new snapshot.
+#[derive(Clone, Debug)]
+pub struct BackendState {
+    /// Active health checks say up (true until a check says otherwise).
+    pub active_up: bool,
+    /// Consecutive successful checks while down.
+    pub rise: u32,
+    /// Consecutive failed checks while up.
+    pub fall: u32,
+    /// Passively ejected until then.
+    pub ejected_until: Option<Instant>,
+    /// Ejections so far (the exponent of the back-off); forgotten after a quiet period.
+    pub ejections: u32,
+    /// When the last ejection ended.
+    pub readmitted_at: Option<Instant>,
+    /// Being drained: no new requests, in-flight ones finish.
+    pub draining: bool,
+    /// A managed backend whose process is running and has answered a check.
+    pub process_up: bool,
+    /// Start of the slow-start ramp (re-admission); none = full weight.
+    pub warming_since: Option<Instant>,
+    /// Latest load report.
+    pub report: Option<LoadFigures>,
+    /// Reports received so far.
+    pub report_samples: u64,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        BackendState {
+            active_up: true,
+            rise: 0,
+            fall: 0,
+            ejected_until: None,
+            ejections: 0,
+            readmitted_at: None,
+            draining: false,
+            process_up: true,
+            warming_since: None,
+            report: None,
+            report_samples: 0,
+        }
+    }
+}
+
+impl BackendState {
+    /// Whether new requests may go to this backend.
+    pub fn healthy(&self) -> bool {
+        self.active_up && self.process_up && !self.draining && self.ejected_until.is_none()
+    }
+
+    /// Slow-start factor now: ramps linearly from 10% to 100% of the weight over `ramp`
+    /// (Envoy's default floor, so a re-admitted backend is never starved entirely).
+    pub fn warmup(&self, ramp: Duration, now: Instant) -> f32 {
+        match self.warming_since {
+            Some(since) if !ramp.is_zero() => {
+                let f = now.saturating_duration_since(since).as_secs_f32() / ramp.as_secs_f32();
+                f.clamp(0.1, 1.0)
+            }
+            _ => 1.0,
+        }
+    }
+}
+
+/// What a backend said about itself on its load endpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadFigures {
+    /// CPU %, 0..=100.
+    pub cpu_percent: Option<f32>,
+    /// Memory %, 0..=100.
+    pub memory_percent: Option<f32>,
+    /// Connections from every client.
+    pub connections: Option<u32>,
+    /// [`crate::plugin::clock_ms`] when it arrived.
+    pub sampled_at_ms: u64,
+}
+
+impl Backend {
+    /// A new backend with a fresh id, healthy, idle.
+    pub fn new(addr: SocketAddr, weight: u32, max_connections: u32) -> Arc<Self> {
+        Arc::new(Backend {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            addr,
+            addr_text: addr.to_string(),
+            weight: AtomicU32::new(weight.max(1)),
+            max_connections: AtomicU32::new(max_connections),
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency: PeakEwma::default(),
+            latency_window: Mutex::new(
+                Histogram::new_with_bounds(1, LATENCY_WINDOW_MAX_US, 2).ok(),
+            ),
+            failure_streak: AtomicU32::new(0),
+            eject_pending: AtomicBool::new(false),
+            state: Mutex::new(BackendState::default()),
+        })
+    }
+
+    /// `host:port`, as pushed to plugins and shown in metrics.
+    pub fn address(&self) -> &str {
+        &self.addr_text
+    }
+
+    /// Configured weight (>= 1).
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Connection limit (0 = none).
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// Changes weight and limit; the caller publishes a new snapshot. True if anything changed.
+    pub fn set_limits(&self, weight: u32, max_connections: u32) -> bool {
+        let w = self.weight.swap(weight.max(1), Ordering::Relaxed);
+        let m = self
+            .max_connections
+            .swap(max_connections, Ordering::Relaxed);
+        w != weight.max(1) || m != max_connections
+    }
+
+    /// The control-plane state (health, drain, report).
+    pub fn state(&self) -> MutexGuard<'_, BackendState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests (or connections) in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Completed requests.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Failed requests.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Peak-EWMA latency, µs, decayed to now; 0 = no sample yet.
+    pub fn latency_us(&self) -> u32 {
+        self.latency.get(clock_us())
+    }
+
+    /// The latency samples (µs) recorded since the previous call, starting a new window:
+    /// per-interval percentiles for the dashboard, whose producer is the only caller.
+    pub fn take_latency_window(&self) -> Option<Histogram<u64>> {
+        let mut window = self
+            .latency_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let h = window.as_mut()?;
+        let taken = h.clone();
+        h.reset();
+        Some(taken)
+    }
+
+    /// Live figures as plugins see them.
+    pub fn load(&self) -> ServerLoad {
+        ServerLoad {
+            in_flight: self.in_flight(),
+            latency_us: self.latency_us(),
+            requests: self.requests(),
+            failures: self.failures(),
+        }
+    }
+
+    /// Records an attempt's outcome. Returns true when this failure completes a streak of
+    /// `eject_after` and nobody has asked for this backend's ejection yet: the caller then
+    /// tells the control plane.
+    fn record(&self, ok: bool, latency: Option<Duration>, eject_after: u32) -> bool {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(l) = latency {
+            let us = l.as_micros() as u64;
+            self.latency.observe(us as f64, clock_us());
+            if let Some(h) = self
+                .latency_window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                h.saturating_record(us);
+            }
+        }
+        if ok {
+            // Read first: the common case writes nothing (no cache-line ping-pong).
+            if self.failure_streak.load(Ordering::Relaxed) != 0 {
+                self.failure_streak.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let streak = self.failure_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        eject_after > 0 && streak >= eject_after && !self.eject_pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// The control plane decided about an ejection request (done or refused): the next
+    /// streak may ask again.
+    pub fn clear_eject_request(&self) {
+        self.failure_streak.store(0, Ordering::Relaxed);
+        self.eject_pending.store(false, Ordering::Release);
+    }
+}
+
+/// Peak-EWMA of latency (Finagle / tower `PeakEwma`): a sample above the current value
+/// replaces it at once (react to a slowdown immediately), lower samples are averaged in
+/// with a decay of τ = 10 s, and the value read decays by the time since the last sample
+/// (an idle backend looks faster and gets probed again).
+#[derive(Debug, Default)]
+struct PeakEwma {
+    /// f64 bits, µs.
+    value: AtomicU64,
+    /// [`clock_us`] of the last sample.
+    stamp: AtomicU64,
+}
+
+const TAU_US: f64 = 10_000_000.0;
+
+/// Latency window range: 1 µs to 60 s (slower answers count as 60 s), 2 significant digits.
+const LATENCY_WINDOW_MAX_US: u64 = 60_000_000;
+
+impl PeakEwma {
+    fn observe(&self, rtt_us: f64, now_us: u64) {
+        let prev = self.stamp.swap(now_us, Ordering::Relaxed);
+        let decay = (-(now_us.saturating_sub(prev) as f64) / TAU_US).exp();
+        let mut cur = self.value.load(Ordering::Relaxed);
+        loop {
+            let c = f64::from_bits(cur);
+            let next = if rtt_us > c || c == 0.0 {
+                rtt_us
+            } else {
+                c * decay + rtt_us * (1.0 - decay)
+            };
+            match self.value.compare_exchange_weak(
+                cur,
+                next.to_bits(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn get(&self, now_us: u64) -> u32 {
+        let v = f64::from_bits(self.value.load(Ordering::Relaxed));
+        if v == 0.0 {
+            return 0;
+        }
+        let age = now_us.saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
+        (v * (-age / TAU_US).exp()).clamp(1.0, u32::MAX as f64) as u32
+    }
+}
+
+/// One request (or TCP connection) in flight to a backend: counted from the pick until
+/// drop, so the count never leaks on an error, a timeout or a cancelled future (tower's
+/// `PendingRequests`). The outcome is recorded once, by [`InFlight::finish`]; a guard
+/// dropped without it (the client went away) records nothing but the decrement.
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<Backend>,
+    start: Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    /// Counts a new request on `backend`.
+    pub fn start(backend: Arc<Backend>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            backend,
+            start: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// When the attempt started.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// Records the outcome: `ok` with the latency to the response head (or to the TCP
+    /// connect), or a failure (connect error, reset, 5xx; `latency` none when nothing came
+    /// back). Returns true when the failure should eject the backend (see
+    /// [`Backend::clear_eject_request`]). Later calls do nothing.
+    pub fn finish(&mut self, ok: bool, latency: Option<Duration>, eject_after: u32) -> bool {
+        if std::mem::replace(&mut self.finished, true) {
+            return false;
+        }
+        self.backend.record(ok, latency, eject_after)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_ewma_takes_peaks_at_once_and_decays_lower_samples() {
+        let e = PeakEwma::default();
+        e.observe(1000.0, 0);
+        assert_eq!(e.get(0), 1000);
+        e.observe(5000.0, 1);
+        assert_eq!(e.get(1), 5000, "a peak replaces the value at once");
+        // A low sample right after barely moves it; one τ later it moves by 1 - 1/e.
+        e.observe(100.0, 2);
+        assert!(e.get(2) > 4900);
+        e.observe(100.0, 2 + TAU_US as u64);
+        let v = e.get(2 + TAU_US as u64);
+        assert!((1800..=2000).contains(&v), "{v}");
+    }
+
+    #[test]
+    fn in_flight_guard_never_leaks() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, 0);
+        {
+            let _a = InFlight::start(b.clone());
+            let mut c = InFlight::start(b.clone());
+            assert_eq!(b.in_flight(), 2);
+            assert!(!c.finish(true, Some(Duration::from_millis(1)), 5));
+        }
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(b.requests(), 1, "an abandoned guard records nothing");
+    }
+
+    #[test]
+    fn a_failure_streak_asks_for_one_ejection() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, 0);
+        let fail = || InFlight::start(b.clone()).finish(false, None, 3);
+        assert!(!fail());
+        assert!(!fail());
+        assert!(fail(), "the third failure in a row asks");
+        assert!(!fail(), "asked once until the control plane clears it");
+        b.clear_eject_request();
+        assert!(!fail());
+        assert_eq!(b.failures(), 5);
+    }
+}

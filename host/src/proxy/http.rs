@@ -1,0 +1,466 @@
+//! The HTTP data path: one client connection (HTTP/1.1, or HTTP/2 prior knowledge), and
+//! for each request: pick → forward → record, with failover.
+//!
+//! Failover: a connect failure, or a request that never left the proxy, is tried on another
+//! backend whatever its method (nothing was sent); an error or timeout after sending is
+//! retried only for idempotent methods with an empty body (the proxy keeps a copy of the
+//! head, never of a body). Every retry needs the listener's retry budget, excludes the
+//! backends already tried (`tried`, `RequestInfo.attempt`), and is bounded by
+//! `retry.attempts`. When no backend can serve, the answer is a one-line text: 502
+//! (connect or protocol error), 503 (no eligible backend, plugin refusal), 504 (timeout).
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::body::{ReqBody, ResBody};
+use super::client::ConnectError;
+use super::headers;
+use super::worker::{Drain, LocalListener, NoBackend, Tried};
+use crate::plugin::{Protocol, RequestInfo};
+use crate::pool::InFlight;
+
+const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// Runs a hyper server connection (HTTP/1 or HTTP/2: same methods, no common trait),
+/// closing it gracefully when idle or when the worker drains; evaluates to its result.
+macro_rules! drive {
+    ($conn:expr, $activity:expr, $idle:expr, $drain:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let expired = $activity.expired($idle);
+        tokio::pin!(expired);
+        let draining = $drain.started();
+        tokio::pin!(draining);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                biased;
+                done = conn.as_mut() => break done,
+                () = &mut expired, if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = &mut draining, if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }};
+}
+
+/// Serves one client connection until it closes, goes idle for `timeouts.idle`, or the
+/// worker drains (then in-flight requests finish and the connection closes gracefully).
+pub(super) async fn serve(
+    local: Rc<LocalListener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: Rc<Drain>,
+) {
+    let idle = local.state().1.timeouts.idle;
+    let h2 = tokio::select! {
+        detected = tokio::time::timeout(idle, speaks_h2(&stream)) => match detected {
+            Ok(Some(h2)) => h2,
+            _ => return, // closed, or silent for the idle timeout
+        },
+        () = drain.started() => return,
+    };
+    let activity = Rc::new(Activity::new());
+    let client = headers::client_value(peer.ip());
+    let ctx = Rc::new(ConnCtx {
+        local: local.clone(),
+        peer,
+        client,
+        activity: activity.clone(),
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let io = TokioIo::new(stream);
+    let done = if h2 {
+        drive!(local.h2.serve_connection(io, svc), activity, idle, drain)
+    } else {
+        drive!(
+            local.h1.serve_connection(io, svc).with_upgrades(),
+            activity,
+            idle,
+            drain
+        )
+    };
+    if let Err(error) = done {
+        tracing::debug!(listener = %local.shared.name, %peer, %error, "client connection ended with an error");
+    }
+}
+
+/// The HTTP/2 connection preface starts with `PRI`, a method no HTTP/1 request uses
+/// (RFC 9113 §3.4): the first two bytes tell h2 prior knowledge from HTTP/1.1. Peeked
+/// once per connection (hyper-util's `auto` builder would wrap every read instead).
+/// None: the client closed first.
+async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 2];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if buf[0] != b'P' => return Some(false),
+            Ok(2) => return Some(buf[1] == b'R'),
+            // Only "P" so far: wait for the next byte.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// Requests in progress on a client connection, and when the last one ended: what the idle
+/// timeout looks at.
+pub(super) struct Activity {
+    active: Cell<u32>,
+    last: Cell<tokio::time::Instant>,
+}
+
+/// Marks its connection busy until dropped (with the response body).
+pub(crate) struct ActivityGuard(Rc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.active.set(a.active.get().saturating_sub(1));
+        a.last.set(tokio::time::Instant::now());
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            active: Cell::new(0),
+            last: Cell::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn begin(self: &Rc<Self>) -> ActivityGuard {
+        self.active.set(self.active.get() + 1);
+        ActivityGuard(self.clone())
+    }
+
+    /// Resolves once nothing has been in progress for `idle`.
+    async fn expired(&self, idle: Duration) {
+        loop {
+            if self.active.get() > 0 {
+                tokio::time::sleep(idle).await;
+                continue;
+            }
+            let due = self.last.get() + idle;
+            if due <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+struct ConnCtx {
+    local: Rc<LocalListener>,
+    peer: SocketAddr,
+    /// The client's address as an `X-Forwarded-For` element.
+    client: HeaderValue,
+    activity: Rc<Activity>,
+}
+
+/// Why an attempt failed.
+enum Failure {
+    Connect(SocketAddr, ConnectError),
+    Exchange(SocketAddr, hyper::Error),
+    Timeout(SocketAddr, Duration),
+}
+
+impl Failure {
+    fn backend(&self) -> SocketAddr {
+        match self {
+            Failure::Connect(a, _) | Failure::Exchange(a, _) | Failure::Timeout(a, _) => *a,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::Connect(_, ConnectError::Timeout(_)) | Failure::Timeout(..) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Failure::Connect(..) | Failure::Exchange(..) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn response(&self) -> Response<ResBody> {
+        text(self.status(), self.to_string())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(a, ConnectError::Timeout(d)) => {
+                write!(f, "backend {a} did not accept a connection within {d:?}")
+            }
+            Failure::Connect(a, e) => write!(f, "cannot connect to backend {a}: {e}"),
+            Failure::Exchange(a, e) => write!(f, "backend {a} failed before answering: {e}"),
+            Failure::Timeout(a, d) => write!(f, "backend {a} did not answer within {d:?}"),
+        }
+    }
+}
+
+/// The proxy's own answer: `<code> <cause>` on one line.
+fn text(status: StatusCode, cause: String) -> Response<ResBody> {
+    let mut res = Response::new(ResBody::text(format!("{} {cause}\n", status.as_u16())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, TEXT);
+    res
+}
+
+/// The head of a bodiless idempotent request, kept to retry it after it was sent.
+struct Template {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Template {
+    fn request(&self) -> Request<ReqBody> {
+        let mut r = Request::new(ReqBody::Empty);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl ConnCtx {
+    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<ResBody> {
+        let activity = self.activity.begin();
+        let start = Instant::now();
+        let (mut res, backend) = self.forward(req).await;
+        let local = &self.local;
+        local.metrics.record(
+            local.shared.index,
+            backend,
+            res.status().as_u16(),
+            start.elapsed(),
+        );
+        res.body_mut().attach(activity);
+        res
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> (Response<ResBody>, Option<SocketAddr>) {
+        let local = &self.local;
+        let shared = &local.shared;
+        let (view, settings) = local.state();
+        let client_version = req.version();
+        let client_upgrade = headers::wants_upgrade(client_version, req.headers())
+            .then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &parts, self.peer.ip());
+        headers::prepare_request(&mut parts, &self.client, client_upgrade.is_some());
+        let attempts = settings.retry.attempts.max(1);
+        let template = (attempts > 1
+            && client_upgrade.is_none()
+            && idempotent(&parts.method)
+            && body.is_end_stream())
+        .then(|| Template {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+        local.budget.deposit(settings.retry.budget_percent);
+        let passive = settings.passive.consecutive_failures;
+
+        let mut pending = Some(Request::from_parts(parts, ReqBody::Client(body)));
+        let mut info = RequestInfo {
+            protocol: Protocol::Http,
+            client_ip: self.peer.ip(),
+            hash_key,
+            ..RequestInfo::default()
+        };
+        let mut tried = Tried::default();
+        let mut last: Option<Failure> = None;
+        for attempt in 0..attempts {
+            let Some(mut req) = pending
+                .take()
+                .or_else(|| template.as_ref().map(Template::request))
+            else {
+                break;
+            };
+            if attempt > 0 {
+                if !local.budget.withdraw() {
+                    tracing::debug!(listener = %shared.name, "retry budget exhausted");
+                    break;
+                }
+                local.metrics.retry(shared.index);
+            }
+            // The plugin reads the request's method, URI and headers: lent, not copied.
+            info.attempt = attempt;
+            info.method = std::mem::take(req.method_mut());
+            info.uri = std::mem::take(req.uri_mut());
+            std::mem::swap(&mut info.headers, req.headers_mut());
+            let pick = local.choose(&view, &mut info, tried.as_slice());
+            *req.method_mut() = std::mem::take(&mut info.method);
+            *req.uri_mut() = std::mem::take(&mut info.uri);
+            std::mem::swap(&mut info.headers, req.headers_mut());
+            let index = match pick {
+                Ok(i) => i,
+                Err(why) if attempt == 0 => {
+                    return (
+                        text(StatusCode::SERVICE_UNAVAILABLE, why.message(local)),
+                        None,
+                    );
+                }
+                Err(_) => break,
+            };
+            let Some(backend) = view.snapshot.backend(index).cloned() else {
+                break;
+            };
+            tried.push(index);
+            let mut guard = InFlight::start(backend.clone());
+
+            // A pooled connection the backend closed while idle sends nothing: the request
+            // comes back, and goes again on a fresh connection to the same backend.
+            let mut fresh = false;
+            let failure = loop {
+                let conn = if fresh {
+                    local
+                        .conns
+                        .connect(backend.addr, settings.timeouts.connect)
+                        .await
+                } else {
+                    local
+                        .conns
+                        .get(backend.id, backend.addr, settings.timeouts.connect)
+                        .await
+                };
+                let mut conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        pending = Some(req);
+                        break Failure::Connect(backend.addr, e);
+                    }
+                };
+                let sent = tokio::time::timeout(
+                    settings.timeouts.request,
+                    conn.sender.try_send_request(req),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(res)) => {
+                        let ok = !res.status().is_server_error();
+                        if guard.finish(ok, Some(guard.started().elapsed()), passive) {
+                            shared.eject(backend.clone());
+                        }
+                        let res = self.respond(
+                            res,
+                            guard,
+                            conn.sender,
+                            backend.id,
+                            client_version,
+                            client_upgrade,
+                        );
+                        return (res, Some(backend.addr));
+                    }
+                    Ok(Err(mut e)) => match e.take_message() {
+                        Some(unsent) if conn.reused && !fresh => {
+                            req = unsent;
+                            fresh = true;
+                        }
+                        unsent => {
+                            pending = unsent;
+                            break Failure::Exchange(backend.addr, e.into_error());
+                        }
+                    },
+                    Err(_) => break Failure::Timeout(backend.addr, settings.timeouts.request),
+                }
+            };
+            if guard.finish(false, None, passive) {
+                shared.eject(backend.clone());
+            }
+            tracing::debug!(listener = %shared.name, backend = %backend.addr, attempt, error = %failure, "attempt failed");
+            last = Some(failure);
+        }
+        match last {
+            Some(f) => (f.response(), Some(f.backend())),
+            None => (
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    NoBackend::Healthy.message(local),
+                ),
+                None,
+            ),
+        }
+    }
+
+    /// The backend's response, fit for the client; a protocol switch becomes a tunnel.
+    fn respond(
+        &self,
+        mut res: Response<Incoming>,
+        guard: InFlight,
+        sender: SendRequest<ReqBody>,
+        backend: u32,
+        client_version: Version,
+        client_upgrade: Option<OnUpgrade>,
+    ) -> Response<ResBody> {
+        let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let tunnel = match client_upgrade {
+            Some(client) if switching => Some((client, hyper::upgrade::on(&mut res))),
+            _ => None,
+        };
+        let (mut parts, body) = res.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, tunnel.is_some());
+        parts.version = if client_version == Version::HTTP_2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let body = match tunnel {
+            Some((client, backend_side)) => {
+                let peer = self.peer;
+                tokio::task::spawn_local(async move {
+                    let _guard = guard; // in flight for the tunnel's life
+                    match tokio::join!(client, backend_side) {
+                        (Ok(c), Ok(b)) => {
+                            let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                            if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut b).await
+                            {
+                                tracing::debug!(%peer, %error, "upgraded connection ended with an error");
+                            }
+                        }
+                        (c, b) => {
+                            tracing::debug!(%peer, client = ?c.err(), backend = ?b.err(), "protocol switch failed");
+                        }
+                    }
+                });
+                ResBody::empty()
+            }
+            None => ResBody::backend(
+                body,
+                Some(guard),
+                Some(self.local.conns.checkin(backend, sender)),
+            ),
+        };
+        Response::from_parts(parts, body)
+    }
+}

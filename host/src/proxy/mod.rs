@@ -1,0 +1,131 @@
+//! The data path, top-down: listener → pick → forward → record.
+//!
+//! Worker model (NGINX/HAProxy style, to share nothing per request): N worker threads, each
+//! a tokio current-thread runtime with a `LocalSet`, its own `SO_REUSEPORT` socket per
+//! listener, its own plugin [`Selector`](crate::plugin::Selector) per listener, its own
+//! keep-alive connections to the backends (hyper's low-level `client::conn::http1`), its
+//! own retry budget and metrics shard. What workers share is read-mostly: the pool snapshot,
+//! the plugin and the settings, each behind an `ArcSwap` that a worker caches and re-reads
+//! only when its pointer changes — which is how a plugin swap or a reload reaches them on
+//! their next request, with no lock and no failed request. The per-backend atomics of
+//! [`crate::pool`] (in-flight, latency) are the only per-request shared writes.
+//!
+//! - [`worker`]: threads, accept loops, drain on shutdown.
+//! - [`http`]: HTTP/1.1 and h2c from clients, forwarding, retries, upgrades.
+//! - [`tcp`]: per-connection balancing of raw TCP.
+//! - [`client`]: the per-worker backend connection pool.
+//! - [`headers`], [`body`], [`budget`]: the pieces the HTTP path is made of.
+//!
+//! Health, load reports and managed processes are not here: they run on the control plane
+//! ([`crate::health`], [`crate::serve`]); workers only report failures to it ([`Event`]).
+
+mod body;
+mod budget;
+mod client;
+mod headers;
+mod http;
+mod tcp;
+mod worker;
+
+pub use worker::{WorkerHandle, bind, spawn_workers};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::{
+    HashKey, HealthCheck, ListenerConfig, LoadReport, Passive, Protocol, Retry, Timeouts,
+};
+use crate::plugin::Plugin;
+use crate::pool::{Backend, Pool};
+
+/// One listener as everything outside the workers sees it: the pool, the plugin and the
+/// settings, each swappable at run time.
+pub struct ListenerShared {
+    /// Position in the configuration (metrics shard slot).
+    pub index: usize,
+    /// Listener name (logs, metrics, 503 messages).
+    pub name: String,
+    /// HTTP or TCP; fixed for the listener's life.
+    pub protocol: Protocol,
+    /// The backends.
+    pub pool: Arc<Pool>,
+    /// The balancing plugin; storing a new one is a plugin swap.
+    pub plugin: Arc<ArcSwap<Plugin>>,
+    /// Timeouts, retries, hashing, health settings; storing new ones is a reload.
+    pub settings: Arc<ArcSwap<Settings>>,
+    events: UnboundedSender<Event>,
+}
+
+impl ListenerShared {
+    /// A listener over `pool` with `plugin`; workers send passive-health events to `events`.
+    pub fn new(
+        index: usize,
+        config: &ListenerConfig,
+        pool: Arc<Pool>,
+        plugin: Arc<Plugin>,
+        events: UnboundedSender<Event>,
+    ) -> Self {
+        ListenerShared {
+            index,
+            name: config.name.clone(),
+            protocol: config.protocol,
+            pool,
+            plugin: Arc::new(ArcSwap::new(plugin)),
+            settings: Arc::new(ArcSwap::from_pointee(Settings::from_config(config))),
+            events,
+        }
+    }
+
+    /// Asks the control plane to eject `backend` (a streak of live failures).
+    pub(crate) fn eject(&self, backend: Arc<Backend>) {
+        let _ = self.events.send(Event::Eject {
+            listener: self.index,
+            backend,
+        });
+    }
+}
+
+/// What workers tell the control plane.
+#[derive(Debug)]
+pub enum Event {
+    /// `backend` failed `passive.consecutive_failures` attempts in a row.
+    Eject {
+        /// Listener index.
+        listener: usize,
+        /// The failing backend.
+        backend: Arc<Backend>,
+    },
+}
+
+/// The part of a listener's configuration that can change at run time (reload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Connect, request and idle timeouts.
+    pub timeouts: Timeouts,
+    /// Attempts and retry budget.
+    pub retry: Retry,
+    /// What hashing plugins hash.
+    pub hash_key: Option<HashKey>,
+    /// Passive ejection and slow start.
+    pub passive: Passive,
+    /// Active checks.
+    pub health: Option<HealthCheck>,
+    /// Load-report polling.
+    pub load_report: Option<LoadReport>,
+}
+
+impl Settings {
+    /// The run-time settings of a listener's configuration.
+    pub fn from_config(l: &ListenerConfig) -> Self {
+        Settings {
+            timeouts: l.timeouts,
+            retry: l.retry,
+            hash_key: l.hash_key.clone(),
+            passive: l.passive,
+            health: l.health.clone(),
+            load_report: l.load_report.clone(),
+        }
+    }
+}

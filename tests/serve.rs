@@ -1,0 +1,1194 @@
+//! End-to-end tests of `lbwasm serve`: real proxies (in-process [`Server`]s and the real
+//! binary), real demo backends and real plugins, over 127.0.0.1 with port 0 everywhere.
+//! Every test is bounded by a timeout and asserts outcomes (counts, statuses, bodies),
+//! never wall-clock durations; every child process is killed by its PID.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{BufRead as _, BufReader as StdBufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lbwasm::backend::{self, BackendConfig, BackendHandle};
+use lbwasm::config::{self, Config};
+use lbwasm::serve::Server;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Generous bound for any one test, only there to turn a hang into a failure.
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn bounded<F: Future<Output = ()>>(test: F) {
+    tokio::time::timeout(LIMIT, test)
+        .await
+        .expect("test timed out");
+}
+
+/// Polls `check` every 50 ms until it holds (bounded by the test's own limit).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..600 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    version: Version,
+    body: Bytes,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn served_by(&self) -> String {
+        self.headers
+            .get("x-served-by")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no x-served-by; status {} body {:?}",
+                    self.status,
+                    self.text()
+                )
+            })
+            .to_str()
+            .expect("ascii")
+            .to_string()
+    }
+}
+
+async fn send(
+    client: &HttpClient,
+    method: Method,
+    url: String,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client
+        .request(req.body(Full::new(body)).expect("request"))
+        .await
+        .expect("request failed");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("response body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        version: parts.version,
+        body,
+    }
+}
+
+async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Reply {
+    send(
+        client,
+        Method::GET,
+        format!("http://{addr}{path}"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+}
+
+async fn spawn_backends(n: usize) -> Vec<BackendHandle> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(
+            backend::spawn(BackendConfig::new(0))
+                .await
+                .expect("backend"),
+        );
+    }
+    v
+}
+
+/// A `[[listener]]` table: `keys` are extra `key = value` lines, `sections` extra tables
+/// (`[listener.health]` ...), then one `[[listener.backend]]` per backend.
+fn listener(
+    name: &str,
+    plugin: &str,
+    backends: &[(SocketAddr, u32)],
+    keys: &str,
+    sections: &str,
+) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nplugin = \"{plugin}\"\n{keys}\n{sections}\n"
+    );
+    for (addr, weight) in backends {
+        s.push_str(&format!(
+            "[[listener.backend]]\naddress = \"{addr}\"\nweight = {weight}\n"
+        ));
+    }
+    s
+}
+
+/// A whole configuration: 2 workers, an admin endpoint (with `token` if given), listeners.
+fn config_text(listeners: &str, token: Option<&str>) -> String {
+    let token = token
+        .map(|t| format!("token = \"{t}\"\n"))
+        .unwrap_or_default();
+    format!("workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{token}\n{listeners}")
+}
+
+fn parse(text: &str) -> Config {
+    config::parse_str(text, Path::new("serve-test.toml"))
+        .unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"))
+}
+
+fn addrs(bs: &[BackendHandle]) -> Vec<(SocketAddr, u32)> {
+    bs.iter().map(|b| (b.addr(), 1)).collect()
+}
+
+/// A proxy with one listener "web" over `backends`.
+fn start(plugin: &str, backends: &[(SocketAddr, u32)], keys: &str, sections: &str) -> Server {
+    Server::start(parse(&config_text(
+        &listener("web", plugin, backends, keys, sections),
+        None,
+    )))
+    .expect("server starts")
+}
+
+async fn admin(
+    client: &HttpClient,
+    server: &Server,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
+    let addr = server.admin_addr().expect("admin endpoint");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let reply = send(
+        client,
+        method,
+        format!("http://{addr}{path}"),
+        &headers,
+        body,
+    )
+    .await;
+    let value = serde_json::from_slice(&reply.body).unwrap_or(Value::String(reply.text()));
+    (reply.status, value)
+}
+
+async fn backend_state(client: &HttpClient, server: &Server, addr: SocketAddr) -> Value {
+    let (status, v) = admin(client, server, Method::GET, "/backends", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v["listeners"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["address"] == addr.to_string())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// `n` sequential GETs; counts by `x-served-by`. Every one must be 200.
+async fn spread(client: &HttpClient, addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for i in 0..n {
+        let r = get(client, addr, &format!("/req/{i}")).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+        *seen.entry(r.served_by()).or_default() += 1;
+    }
+    seen
+}
+
+fn id_of(b: &BackendHandle) -> String {
+    b.id().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_300_requests_exactly() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let server = start("round_robin", &addrs(&bs), "", "");
+        let c = client();
+        let seen = spread(&c, server.listen_addrs()[0], 300).await;
+        for b in &bs {
+            assert_eq!(seen.get(&id_of(b)), Some(&100), "{seen:?}");
+        }
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_rr_keeps_5_1_1_shares() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let weighted = vec![(bs[0].addr(), 5), (bs[1].addr(), 1), (bs[2].addr(), 1)];
+        let server = start("weighted_rr", &weighted, "", "");
+        let c = client();
+        let seen = spread(&c, server.listen_addrs()[0], 700).await;
+        assert_eq!(seen.get(&id_of(&bs[0])), Some(&500), "{seen:?}");
+        assert_eq!(seen.get(&id_of(&bs[1])), Some(&100), "{seen:?}");
+        assert_eq!(seen.get(&id_of(&bs[2])), Some(&100), "{seen:?}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_builtin_plugin_serves_through_the_proxy() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let c = client();
+        let names: Vec<&str> = lbwasm::plugin::builtin::names().collect();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            let server = start(name, &addrs(&bs), "", "");
+            for i in 0..20 {
+                let r = get(&c, server.listen_addrs()[0], &format!("/p/{i}")).await;
+                assert_eq!(r.status, StatusCode::OK, "plugin {name}: {}", r.text());
+                assert!(
+                    r.text().contains("served by"),
+                    "plugin {name}: {}",
+                    r.text()
+                );
+            }
+            server.shutdown(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_requests_are_proxied() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let server = start("round_robin", &addrs(&bs), "", "");
+        let h2: HttpClient = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let mut seen = HashMap::new();
+        for i in 0..10 {
+            let r = get(&h2, server.listen_addrs()[0], &format!("/h2/{i}")).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            assert_eq!(r.version, Version::HTTP_2);
+            assert!(
+                r.text().starts_with(&format!("GET /h2/{i} served by")),
+                "{}",
+                r.text()
+            );
+            *seen.entry(r.served_by()).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // A body both ways over h2 as well.
+        let body = Bytes::from(vec![b'x'; 100_000]);
+        let url = format!("http://{}/echo", server.listen_addrs()[0]);
+        let r = send(&h2, Method::POST, url, &[], body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, body);
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_stream_both_ways() {
+    bounded(async {
+        let bs = spawn_backends(1).await;
+        let server = start("round_robin", &addrs(&bs), "", "");
+        let c = client();
+        let body: Bytes = (0..2_000_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>()
+            .into();
+        let url = format!("http://{}/upload", server.listen_addrs()[0]);
+        let r = send(&c, Method::POST, url, &[], body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body.len(), body.len());
+        assert!(r.body == body, "echoed body differs");
+        // HEAD has no body and keeps the connection usable.
+        let url = format!("http://{}/head", server.listen_addrs()[0]);
+        let r = send(&c, Method::HEAD, url, &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.is_empty());
+        assert_eq!(
+            get(&c, server.listen_addrs()[0], "/after-head")
+                .await
+                .status,
+            StatusCode::OK
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+/// A tiny backend that switches to an echo protocol on `Upgrade: echo`, and otherwise
+/// answers with the request headers it received (one `name: value` per line).
+async fn upgrade_backend() -> SocketAddr {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                    let mut res = Response::new(Full::new(Bytes::new()));
+                    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let Ok(up) = on.await else { return };
+                            let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            let _ = w.shutdown().await;
+                        });
+                        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        res.headers_mut()
+                            .insert("upgrade", "echo".parse().expect("value"));
+                        res.headers_mut()
+                            .insert("connection", "upgrade".parse().expect("value"));
+                    } else {
+                        let dump: String = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
+                            .collect();
+                        *res.body_mut() = Full::new(Bytes::from(dump));
+                        res.headers_mut()
+                            .insert("x-served-by", "upgrade-backend".parse().expect("value"));
+                        res.headers_mut()
+                            .insert("keep-alive", "timeout=5".parse().expect("value"));
+                    }
+                    Ok::<_, std::convert::Infallible>(res)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_pass_bytes_both_ways() {
+    bounded(async {
+        let be = upgrade_backend().await;
+        let server = start("round_robin", &[(be, 1)], "", "");
+        let mut s = TcpStream::connect(server.listen_addrs()[0])
+            .await
+            .expect("connect");
+        s.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                s.read(&mut byte).await.expect("read head"),
+                1,
+                "closed during the head: {head:?}"
+            );
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: echo"), "{head}");
+        for msg in [&b"hello through the tunnel"[..], &b"and back again"[..]] {
+            s.write_all(msg).await.expect("write");
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.expect("echo");
+            assert_eq!(back, msg);
+        }
+        s.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.expect("read to end");
+        assert!(rest.is_empty(), "{rest:?}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_added_and_hop_by_hop_ones_stripped() {
+    bounded(async {
+        let be = upgrade_backend().await;
+        let server = start("round_robin", &[(be, 1)], "", "");
+        let c = client();
+        let url = format!("http://{}/headers", server.listen_addrs()[0]);
+        let r = send(
+            &c,
+            Method::GET,
+            url,
+            &[
+                ("connection", "x-secret"),
+                ("x-secret", "1"),
+                ("x-forwarded-for", "10.1.2.3"),
+                ("proxy-authorization", "x"),
+                ("x-kept", "yes"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let seen = r.text();
+        assert!(
+            seen.contains("x-forwarded-for: 10.1.2.3, 127.0.0.1\n"),
+            "{seen}"
+        );
+        assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+        assert!(seen.contains("via: 1.1 lbwasm\n"), "{seen}");
+        assert!(seen.contains("x-kept: yes\n"), "{seen}");
+        assert!(!seen.contains("x-secret"), "{seen}");
+        assert!(!seen.contains("proxy-authorization"), "{seen}");
+        assert!(
+            r.headers.get("keep-alive").is_none(),
+            "hop-by-hop response header passed: {:?}",
+            r.headers
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listeners_balance_connections() {
+    bounded(async {
+        let mut bs = Vec::new();
+        for _ in 0..2 {
+            let mut cfg = BackendConfig::new(0);
+            cfg.protocol = backend::Protocol::Tcp;
+            bs.push(backend::spawn(cfg).await.expect("tcp backend"));
+        }
+        let server = start("round_robin", &addrs(&bs), "protocol = \"tcp\"", "");
+        let addr = server.listen_addrs()[0];
+        let mut seen = HashMap::new();
+        for _ in 0..6 {
+            let s = TcpStream::connect(addr).await.expect("connect");
+            let mut s = BufReader::new(s);
+            s.get_mut().write_all(b"PING\n").await.expect("write");
+            let mut line = String::new();
+            s.read_line(&mut line).await.expect("read");
+            let id = line
+                .trim()
+                .strip_prefix("PONG ")
+                .unwrap_or_else(|| panic!("{line:?}"))
+                .to_string();
+            *seen.entry(id).or_insert(0) += 1;
+        }
+        assert_eq!(seen.get(&id_of(&bs[0])), Some(&3), "{seen:?}");
+        assert_eq!(seen.get(&id_of(&bs[1])), Some(&3), "{seen:?}");
+        // A half-close reaches the backend, which answers and closes its side too.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"hello\n").await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut all = String::new();
+        s.read_to_string(&mut all).await.expect("read to end");
+        assert!(all.ends_with(" hello\n"), "{all:?}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_add_and_remove_change_the_distribution() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let server = start("round_robin", &addrs(&bs[..2]), "", "");
+        let c = client();
+        let addr = server.listen_addrs()[0];
+        let seen = spread(&c, addr, 100).await;
+        assert_eq!(seen.len(), 2, "{seen:?}");
+
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/add",
+            Some(json!({"listener": "web", "addresses": [bs[2].addr().to_string()]})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["added"][0]["address"], bs[2].addr().to_string());
+        let seen = spread(&c, addr, 300).await;
+        for b in &bs {
+            assert_eq!(seen.get(&id_of(b)), Some(&100), "{seen:?}");
+        }
+
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/remove",
+            Some(json!({"addresses": [bs[0].addr().to_string()]})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["removed"].as_array().map(Vec::len), Some(1), "{v}");
+        let seen = spread(&c, addr, 100).await;
+        assert_eq!(seen.get(&id_of(&bs[0])), None, "{seen:?}");
+        assert_eq!(seen.values().sum::<usize>(), 100);
+
+        // Drain: still listed, no longer used.
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/drain",
+            Some(json!({"addresses": [bs[1].addr().to_string()]})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let seen = spread(&c, addr, 20).await;
+        assert_eq!(seen.get(&id_of(&bs[2])), Some(&20), "{seen:?}");
+        assert_eq!(
+            backend_state(&c, &server, bs[1].addr()).await["draining"],
+            true
+        );
+
+        // Lookaside pick, and errors as JSON.
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::GET,
+            "/pick?listener=web&key=user-1",
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["backend"], bs[2].addr().to_string());
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/add",
+            Some(json!({"listener": "nope", "addresses": ["127.0.0.1:1"]})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("nope")),
+            "{v}"
+        );
+        let (status, _) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/add",
+            Some(json!({"addresses": ["not an address"]})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+/// `clients` concurrent clients × `each` GETs; returns the statuses that were not 200.
+async fn load(
+    addr: SocketAddr,
+    clients: usize,
+    each: usize,
+    done: Arc<AtomicUsize>,
+) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut bad = Vec::new();
+            for i in 0..each {
+                let r = get(&c, addr, &format!("/load/{k}/{i}")).await;
+                if r.status != StatusCode::OK {
+                    bad.push(format!("{}: {}", r.status, r.text().trim()));
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            bad
+        }));
+    }
+    let mut bad = Vec::new();
+    for t in tasks {
+        bad.extend(t.await.expect("client task"));
+    }
+    bad
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_swap_under_load_fails_no_request() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let server = start("round_robin", &addrs(&bs), "", "");
+        let c = client();
+        let done = Arc::new(AtomicUsize::new(0));
+        let traffic = tokio::spawn(load(server.listen_addrs()[0], 4, 200, done.clone()));
+        for (at, plugin) in [
+            (150, "least_connections"),
+            (400, "random"),
+            (600, "p2c_ewma"),
+        ] {
+            while done.load(Ordering::Relaxed) < at && !traffic.is_finished() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let (status, v) = admin(
+                &c,
+                &server,
+                Method::POST,
+                "/plugin",
+                Some(json!({"listener": "web", "plugin": plugin})),
+                None,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            assert_eq!(v["plugin"], plugin);
+        }
+        let bad = traffic.await.expect("traffic");
+        assert!(bad.is_empty(), "{} failed requests: {bad:?}", bad.len());
+        assert_eq!(done.load(Ordering::Relaxed), 800);
+        // A plugin that does not load is refused, and the running one stays.
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/plugin",
+            Some(json!({"plugin": "no_such_plugin"})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        let (_, report) = admin(&c, &server, Method::GET, "/backends", None, None).await;
+        assert_eq!(report["listeners"][0]["plugin"], "p2c_ewma");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_shut_down_during_load_fails_no_get() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let server = start("round_robin", &addrs(&bs), "", "");
+        let done = Arc::new(AtomicUsize::new(0));
+        let traffic = tokio::spawn(load(server.listen_addrs()[0], 4, 300, done.clone()));
+        while done.load(Ordering::Relaxed) < 300 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        bs[1].shutdown().await;
+        let bad = traffic.await.expect("traffic");
+        assert!(bad.is_empty(), "{} failed requests: {bad:?}", bad.len());
+        let c = client();
+        let state = backend_state(&c, &server, bs[1].addr()).await;
+        assert!(state["failures"].as_u64().unwrap_or(0) > 0, "{state}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+const FAST_CHECKS: &str = "[listener.health]\npath = \"/heartbeat\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_mark_a_backend_down_and_up_again() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let victim = bs[1].addr();
+        let server = start("round_robin", &addrs(&bs), "", FAST_CHECKS);
+        let c = client();
+        let addr = server.listen_addrs()[0];
+        bs[1].shutdown().await;
+        eventually("the victim is marked down", || async {
+            backend_state(&c, &server, victim).await["healthy"] == false
+        })
+        .await;
+        let seen = spread(&c, addr, 30).await;
+        assert_eq!(seen.get(&id_of(&bs[0])), Some(&30), "{seen:?}");
+
+        let again = backend::spawn(BackendConfig::new(victim.port()))
+            .await
+            .expect("backend on the same port");
+        eventually("the victim is marked up", || async {
+            backend_state(&c, &server, victim).await["healthy"] == true
+        })
+        .await;
+        let seen = spread(&c, addr, 40).await;
+        assert_eq!(seen.get(&id_of(&again)), Some(&20), "{seen:?}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_down_gives_a_503_naming_the_pool() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let server = start("least_connections", &addrs(&bs), "", FAST_CHECKS);
+        let c = client();
+        for b in &bs {
+            b.shutdown().await;
+        }
+        let addr = server.listen_addrs()[0];
+        eventually("a 503", || async {
+            get(&c, addr, "/").await.status == StatusCode::SERVICE_UNAVAILABLE
+        })
+        .await;
+        let r = get(&c, addr, "/x").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.text(), "503 no healthy backend in pool \"web\"\n");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_backends_give_a_502_naming_the_backend() {
+    bounded(async {
+        // Bound then closed: nothing listens there.
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let server = start("round_robin", &[(dead, 1)], "", "");
+        let c = client();
+        let r = get(&c, server.listen_addrs()[0], "/").await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+        assert!(
+            r.text()
+                .starts_with(&format!("502 cannot connect to backend {dead}")),
+            "{}",
+            r.text()
+        );
+        assert_eq!(r.text().lines().count(), 1);
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+/// Parses the exposition: every line a comment or `name{labels} value`; returns the samples.
+fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (
+                n,
+                rest.strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}")),
+            ),
+            None => (series, ""),
+        };
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line:?}"
+        );
+        for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once("=\"")
+                .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+            assert!(
+                k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad label name in {line:?}"
+            );
+            let _ = v;
+        }
+        samples.push((name.to_string(), labels.to_string(), value));
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text_with_live_counters() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let server = start("round_robin", &addrs(&bs), "", "");
+        let c = client();
+        spread(&c, server.listen_addrs()[0], 20).await;
+        let (status, text) = admin(&c, &server, Method::GET, "/metrics", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = text.as_str().expect("text").to_string();
+        let samples = parse_metrics(&text);
+        let total = |name: &str| {
+            samples
+                .iter()
+                .filter(|(n, _, _)| n == name)
+                .map(|(_, _, v)| v)
+                .sum::<f64>()
+        };
+        let present = |name: &str| samples.iter().any(|(n, _, _)| n == name);
+        assert_eq!(total("lbwasm_requests_total"), 20.0, "{text}");
+        assert!(
+            samples.iter().any(|(n, l, v)| n == "lbwasm_requests_total"
+                && l.contains("code=\"200\"")
+                && *v == 10.0),
+            "{text}"
+        );
+        assert_eq!(
+            total("lbwasm_request_duration_seconds_count"),
+            20.0,
+            "{text}"
+        );
+        assert!(total("lbwasm_plugin_calls_total") >= 20.0, "{text}");
+        assert_eq!(total("lbwasm_backend_healthy"), 2.0, "{text}");
+        for name in [
+            "lbwasm_request_duration_seconds_bucket",
+            "lbwasm_backend_in_flight",
+            "lbwasm_plugin_timeouts_total",
+            "lbwasm_plugin_traps_total",
+            "lbwasm_plugin_fallbacks_total",
+            "lbwasm_retries_total",
+        ] {
+            assert!(present(name), "{name} missing:\n{text}");
+        }
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_is_required_for_mutations() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let text = config_text(
+            &listener("web", "round_robin", &addrs(&bs[..1]), "", ""),
+            Some("s3cret"),
+        );
+        let server = Server::start(parse(&text)).expect("server");
+        let c = client();
+        let add = || Some(json!({"addresses": [bs[1].addr().to_string()]}));
+        let (status, v) = admin(&c, &server, Method::POST, "/backends/add", add(), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("Bearer")),
+            "{v}"
+        );
+        let (status, _) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/add",
+            add(),
+            Some("wrong"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/plugin",
+            Some(json!({"plugin": "random"})),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, v) = admin(
+            &c,
+            &server,
+            Method::POST,
+            "/backends/add",
+            add(),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (status, _) = admin(&c, &server, Method::GET, "/healthz", None, None).await;
+        assert_eq!(status, StatusCode::OK, "liveness needs no token");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_backend_and_plugin_changes() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lbwasm.toml");
+        let write = |plugin: &str, backends: &[(SocketAddr, u32)]| {
+            std::fs::write(
+                &path,
+                config_text(&listener("web", plugin, backends, "", ""), None),
+            )
+            .expect("write config");
+        };
+        write("round_robin", &addrs(&bs[..1]));
+        let text = std::fs::read_to_string(&path).expect("read");
+        let server =
+            Server::start(config::parse_str(&text, &path).expect("config")).expect("server");
+        let c = client();
+        let addr = server.listen_addrs()[0];
+        assert_eq!(spread(&c, addr, 10).await.len(), 1);
+
+        write("weighted_rr", &[(bs[0].addr(), 3), (bs[1].addr(), 1)]);
+        let (status, v) = admin(&c, &server, Method::POST, "/reload", None, None).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let seen = spread(&c, addr, 400).await;
+        assert_eq!(seen.get(&id_of(&bs[0])), Some(&300), "{seen:?}");
+        assert_eq!(seen.get(&id_of(&bs[1])), Some(&100), "{seen:?}");
+
+        // A broken file is refused with its line, and nothing changes.
+        std::fs::write(
+            &path,
+            "workers = 2\n[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = 7\n",
+        )
+        .expect("write");
+        let (status, v) = admin(&c, &server, Method::POST, "/reload", None, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("lbwasm.toml:4")),
+            "{v}"
+        );
+        assert_eq!(spread(&c, addr, 4).await.len(), 2);
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+/// A child process killed (by PID) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lbwasm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lbwasm"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configs_name_file_line_and_key_through_the_binary() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n\n[[listener.backend]]\naddress = \"127.0.0.1:9\"\nweight = 0\n",
+        )
+        .expect("write");
+        let out = tokio::task::spawn_blocking(move || lbwasm().args(["serve", "--config"]).arg(&bad).output())
+            .await
+            .expect("join")
+            .expect("run lbwasm");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("bad.toml:7: listener[0].backend[0].weight"), "{stderr}");
+
+        // A plugin option the plugin refuses: named, and nothing is bound.
+        let opts = dir.path().join("opts.toml");
+        std::fs::write(
+            &opts,
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n[listener.plugin_options]\nbogus = 1\n[[listener.backend]]\naddress = \"127.0.0.1:9\"\n",
+        )
+        .expect("write");
+        let out = tokio::task::spawn_blocking(move || lbwasm().args(["serve", "--config"]).arg(&opts).output())
+            .await
+            .expect("join")
+            .expect("run lbwasm");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("bogus"), "{stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_and_exits_0_on_sigterm() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let list = format!("{},{}", bs[0].addr(), bs[1].addr());
+        let mut child = lbwasm()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--plugin",
+                "round_robin",
+                "--workers",
+                "1",
+                "--backends",
+                &list,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start lbwasm");
+        let stdout = child.stdout.take().expect("stdout");
+        let child = Reaped(child);
+        let addr: SocketAddr = tokio::task::spawn_blocking(move || {
+            let mut lines = StdBufReader::new(stdout).lines();
+            lines
+                .find_map(|l| l.ok()?.strip_prefix("lbwasm listening on ")?.parse().ok())
+                .expect("listening line")
+        })
+        .await
+        .expect("join");
+        let c = client();
+        let seen = spread(&c, addr, 10).await;
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        drop(c);
+        let pid = i32::try_from(child.0.id()).expect("pid");
+        // SAFETY: signalling our own child by its PID.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let mut child = child;
+        let status = tokio::task::spawn_blocking(move || {
+            let status = child.0.wait();
+            (status, child)
+        })
+        .await
+        .expect("join")
+        .0
+        .expect("wait");
+        assert!(status.success(), "{status:?}");
+    })
+    .await;
+}
+
+/// Two consecutive free ports (best effort: probed by binding).
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = a.local_addr().expect("addr").port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_backends_are_started_pooled_and_stopped() {
+    bounded(async {
+        let base = free_port_pair();
+        let exe = env!("CARGO_BIN_EXE_lbwasm");
+        let sections = format!(
+            "[listener.managed]\ncommand = [\"{exe}\", \"backend\", \"--port\", \"{{port}}\"]\ncount = 2\nbase_port = {base}\nrestart_backoff = \"100ms\"\n"
+        );
+        let server = start("round_robin", &[], "", &sections);
+        let c = client();
+        eventually("both managed backends join", || async {
+            let (_, v) = admin(&c, &server, Method::GET, "/backends", None, None).await;
+            v["listeners"][0]["healthy"] == 2
+        })
+        .await;
+        let seen = spread(&c, server.listen_addrs()[0], 20).await;
+        assert_eq!(seen.get(&format!("backend-{base}")), Some(&10), "{seen:?}");
+        assert_eq!(seen.get(&format!("backend-{}", base + 1)), Some(&10), "{seen:?}");
+        server.shutdown(Duration::from_secs(5)).await;
+        for port in [base, base + 1] {
+            assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "managed backend on {port} still running");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_requests_finish() {
+    bounded(async {
+        let mut cfg = BackendConfig::new(0);
+        cfg.latency = Duration::from_millis(400);
+        let slow = backend::spawn(cfg).await.expect("backend");
+        let server = start("round_robin", &[(slow.addr(), 1)], "", "");
+        let addr = server.listen_addrs()[0];
+        let in_flight = tokio::spawn(async move {
+            let c = client();
+            get(&c, addr, "/slow").await
+        });
+        // Let the request reach the backend, then stop the proxy under it.
+        eventually("the request is in flight", || async {
+            slow.stats().processing == 1
+        })
+        .await;
+        server.shutdown(Duration::from_secs(10)).await;
+        let r = in_flight.await.expect("client task");
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "still accepting after shutdown"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed() {
+    bounded(async {
+        let bs = spawn_backends(1).await;
+        let keys = "[listener.timeouts]\nidle = \"300ms\"\n";
+        let server = start("round_robin", &addrs(&bs), "", keys);
+        let addr = server.listen_addrs()[0];
+        // Silent from the start: closed without a byte.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = Vec::new();
+        silent.read_to_end(&mut buf).await.expect("read");
+        assert!(buf.is_empty());
+        // Idle after a request: the response, then the close.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /once HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("read");
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("GET /once served by"), "{text}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
