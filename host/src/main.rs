@@ -5,7 +5,12 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = lbwasm::cli::Cli::parse();
-    lbwasm::cli::init_tracing(cli.log_level.as_deref());
+    // The simulator draws progress bars; the proxy it runs would scroll info logs over them.
+    let default_level = match (&cli.command, std::env::var_os("RUST_LOG")) {
+        (lbwasm::cli::Command::Simulate(_), None) => Some("warn"),
+        _ => None,
+    };
+    lbwasm::cli::init_tracing(cli.log_level.as_deref().or(default_level));
     match lbwasm::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
 
+/// Setup calls get this many times the per-request deadline (20 ms → 200 ms by default).
+const SETUP_FACTOR: u64 = 10;
+
 /// What the host functions can reach during a call.
 pub struct StoreData {
     limits: StoreLimits,
@@ -45,7 +48,7 @@ impl Instance {
         let mut store = Store::new(&rt.engine, data);
         store.limiter(|d| &mut d.limits);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(rt.deadline_ticks);
+        store.set_epoch_deadline(rt.deadline_ticks * SETUP_FACTOR);
         let bindings = plugin
             .pre
             .instantiate(&mut store)
@@ -55,7 +58,7 @@ impl Instance {
             bindings,
             deadline_ticks: rt.deadline_ticks,
         };
-        instance.arm();
+        instance.arm_setup();
         match instance
             .bindings
             .call_configure(&mut instance.store, &plugin.options)
@@ -66,13 +69,22 @@ impl Instance {
         }
     }
 
+    /// The per-request deadline, for `choose`.
     fn arm(&mut self) {
         self.store.set_epoch_deadline(self.deadline_ticks);
     }
 
+    /// A longer deadline for the calls that build tables (configure, set-servers: a Maglev
+    /// table, a WRR schedule) and run only at start-up or on a pool change, not per request;
+    /// still bounded, so a plugin looping there is cut off too.
+    fn arm_setup(&mut self) {
+        self.store
+            .set_epoch_deadline(self.deadline_ticks * SETUP_FACTOR);
+    }
+
     /// The plugin's one-line description.
     pub fn describe(&mut self) -> Result<String> {
-        self.arm();
+        self.arm_setup();
         self.bindings
             .call_describe(&mut self.store)
             .map_err(|e| describe_error("describe", &e))
@@ -86,7 +98,7 @@ impl Instance {
     ) -> Result<(), wasmtime::Error> {
         let wit: Vec<WitServer> = servers.iter().map(to_wit).collect();
         self.store.data_mut().view = Some(view);
-        self.arm();
+        self.arm_setup();
         self.bindings.call_set_servers(&mut self.store, &wit)
     }
 
