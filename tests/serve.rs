@@ -1100,39 +1100,56 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     .await;
 }
 
-/// Two consecutive free ports (best effort: probed by binding).
-fn free_port_pair() -> u16 {
+/// `n` consecutive free ports (best effort: probed by binding); returns the first.
+fn free_ports(n: u16) -> u16 {
     for _ in 0..100 {
         let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let p = a.local_addr().expect("addr").port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        if p.checked_add(n).is_some()
+            && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+        {
             return p;
         }
     }
-    panic!("no free port pair");
+    panic!("no {n} free consecutive ports");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managed_backends_are_started_pooled_and_stopped() {
     bounded(async {
-        let base = free_port_pair();
+        let base = free_ports(3);
         let exe = env!("CARGO_BIN_EXE_lbwasm");
         let sections = format!(
             "[listener.managed]\ncommand = [\"{exe}\", \"backend\", \"--port\", \"{{port}}\"]\ncount = 2\nbase_port = {base}\nrestart_backoff = \"100ms\"\n"
         );
         let server = start("round_robin", &[], "", &sections);
         let c = client();
-        eventually("both managed backends join", || async {
-            let (_, v) = admin(&c, &server, Method::GET, "/backends", None, None).await;
-            v["listeners"][0]["healthy"] == 2
-        })
-        .await;
+        let healthy = |n: u64| {
+            let (c, server) = (&c, &server);
+            async move {
+                let (_, v) = admin(c, server, Method::GET, "/backends", None, None).await;
+                v["listeners"][0]["healthy"] == n
+            }
+        };
+        eventually("both managed backends join", || healthy(2)).await;
         let seen = spread(&c, server.listen_addrs()[0], 20).await;
         assert_eq!(seen.get(&format!("backend-{base}")), Some(&10), "{seen:?}");
         assert_eq!(seen.get(&format!("backend-{}", base + 1)), Some(&10), "{seen:?}");
+
+        // One more process, on the next port.
+        let (status, v) =
+            admin(&c, &server, Method::POST, "/backends/add", Some(json!({"n": 1})), None).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        eventually("the third managed backend joins", || healthy(3)).await;
+        let seen = spread(&c, server.listen_addrs()[0], 30).await;
+        assert_eq!(seen.get(&format!("backend-{}", base + 2)), Some(&10), "{seen:?}");
+
         server.shutdown(Duration::from_secs(5)).await;
-        for port in [base, base + 1] {
-            assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "managed backend on {port} still running");
+        for port in [base, base + 1, base + 2] {
+            assert!(
+                TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+                "managed backend on {port} still running"
+            );
         }
     })
     .await;

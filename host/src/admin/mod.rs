@@ -296,12 +296,14 @@ async fn upload(control: &Control, req: Request<Incoming>) -> Result<Value, ApiE
     } else {
         stem
     };
-    let dir = std::env::temp_dir().join("lbwasm-uploads");
+    // A directory of this process only, created 0700: no other local user can swap the file
+    // between saving it and loading it.
+    let dir = std::env::temp_dir().join(format!("lbwasm-uploads-{}", std::process::id()));
     let path = dir.join(format!(
         "{stem}-{:016x}.wasm",
         xxhash_rust::xxh3::xxh3_64(&bytes)
     ));
-    let saved = match tokio::fs::create_dir_all(&dir).await {
+    let saved = match private_dir(&dir) {
         Ok(()) => tokio::fs::write(&path, &bytes).await,
         Err(e) => Err(e),
     };
@@ -320,6 +322,36 @@ async fn upload(control: &Control, req: Request<Incoming>) -> Result<Value, ApiE
         let _ = tokio::fs::remove_file(&path).await;
     }
     swapped
+}
+
+/// Creates `dir` readable and writable by this user only, and checks an existing one is ours
+/// and private (a directory planted by someone else is refused).
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::symlink_metadata(dir)?;
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let uid = unsafe { libc::geteuid() };
+                if meta.is_dir() && meta.uid() == uid && meta.permissions().mode() & 0o077 == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "{} is not a private directory of ours",
+                        dir.display()
+                    )))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir)
+    }
 }
 
 #[cfg(test)]

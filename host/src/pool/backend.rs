@@ -2,12 +2,14 @@
 //! keeps those figures honest whatever happens to the request.
 //!
 //! Workers touch only atomics here (in-flight, counters, peak-EWMA, the passive failure
-//! streak), plus one short, per-backend lock to add a latency sample to the window the
-//! dashboard reads each second; the health state behind the mutex is the control plane's,
-//! read when a snapshot is built — never per request.
+//! streak), kept together on a cache line of their own so that the read-mostly fields
+//! beside them are not invalidated by every request, plus one short lock of their own
+//! thread's shard of the latency window the dashboard reads each second (no lock shared
+//! between workers); the health state behind the mutex is the control plane's, read when
+//! a snapshot is built — never per request.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,16 +37,46 @@ pub struct Backend {
     addr_text: String,
     weight: AtomicU32,
     max_connections: AtomicU32,
+    state: Mutex<BackendState>,
+    hot: Hot,
+    /// Latency samples (µs) since the dashboard last took them, one shard per worker
+    /// thread (see [`window_shard`]); a shard is allocated at its first sample.
+    latency_window: [WindowShard; WINDOW_SHARDS],
+}
+
+/// What every worker writes on every request: on its own cache line.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+struct Hot {
     in_flight: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
     latency: PeakEwma,
-    /// Latency samples (µs) since the dashboard last took them; none only if the constant
-    /// bounds were refused.
-    latency_window: Mutex<Option<Histogram<u64>>>,
     failure_streak: AtomicU32,
     eject_pending: AtomicBool,
-    state: Mutex<BackendState>,
+}
+
+/// Shards of the latency window: more than the workers of a typical box, few enough that
+/// merging them each second stays cheap.
+const WINDOW_SHARDS: usize = 4;
+
+/// One shard of the latency window, on its own cache line; none until its first sample.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+struct WindowShard(Mutex<Option<Histogram<u64>>>);
+
+/// The window shard of the calling thread: threads are numbered in the order they first
+/// record, so the workers of a server get different shards.
+fn window_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % WINDOW_SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
+fn new_window() -> Option<Histogram<u64>> {
+    Histogram::new_with_bounds(1, LATENCY_WINDOW_MAX_US, 2).ok()
 }
 
 /// Control-plane state of a backend: everything that decides `healthy` and the load report.
@@ -134,16 +166,9 @@ impl Backend {
             addr_text: addr.to_string(),
             weight: AtomicU32::new(weight.max(1)),
             max_connections: AtomicU32::new(max_connections),
-            in_flight: AtomicU32::new(0),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            latency: PeakEwma::default(),
-            latency_window: Mutex::new(
-                Histogram::new_with_bounds(1, LATENCY_WINDOW_MAX_US, 2).ok(),
-            ),
-            failure_streak: AtomicU32::new(0),
-            eject_pending: AtomicBool::new(false),
             state: Mutex::new(BackendState::default()),
+            hot: Hot::default(),
+            latency_window: Default::default(),
         })
     }
 
@@ -178,35 +203,37 @@ impl Backend {
 
     /// Requests (or connections) in flight now.
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.hot.in_flight.load(Ordering::Relaxed)
     }
 
     /// Completed requests.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.hot.requests.load(Ordering::Relaxed)
     }
 
     /// Failed requests.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.hot.failures.load(Ordering::Relaxed)
     }
 
     /// Peak-EWMA latency, µs, decayed to now; 0 = no sample yet.
     pub fn latency_us(&self) -> u32 {
-        self.latency.get(clock_us())
+        self.hot.latency.get(clock_us())
     }
 
     /// The latency samples (µs) recorded since the previous call, starting a new window:
     /// per-interval percentiles for the dashboard, whose producer is the only caller.
     pub fn take_latency_window(&self) -> Option<Histogram<u64>> {
-        let mut window = self
-            .latency_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let h = window.as_mut()?;
-        let taken = h.clone();
-        h.reset();
-        Some(taken)
+        let mut total = new_window()?;
+        for shard in &self.latency_window {
+            let mut window = shard.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = window.as_mut() {
+                // Same bounds on both sides: adding cannot fail.
+                let _ = total.add(&*h);
+                h.reset();
+            }
+        }
+        Some(total)
     }
 
     /// Live figures as plugins see them.
@@ -223,36 +250,40 @@ impl Backend {
     /// `eject_after` and nobody has asked for this backend's ejection yet: the caller then
     /// tells the control plane.
     fn record(&self, ok: bool, latency: Option<Duration>, eject_after: u32) -> bool {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.hot.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(l) = latency {
             let us = l.as_micros() as u64;
-            self.latency.observe(us as f64, clock_us());
-            if let Some(h) = self
-                .latency_window
+            self.hot.latency.observe(us as f64, clock_us());
+            let mut window = self.latency_window[window_shard()]
+                .0
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
+                .unwrap_or_else(|e| e.into_inner());
+            if window.is_none() {
+                *window = new_window();
+            }
+            if let Some(h) = window.as_mut() {
                 h.saturating_record(us);
             }
         }
         if ok {
             // Read first: the common case writes nothing (no cache-line ping-pong).
-            if self.failure_streak.load(Ordering::Relaxed) != 0 {
-                self.failure_streak.store(0, Ordering::Relaxed);
+            if self.hot.failure_streak.load(Ordering::Relaxed) != 0 {
+                self.hot.failure_streak.store(0, Ordering::Relaxed);
             }
             return false;
         }
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let streak = self.failure_streak.fetch_add(1, Ordering::Relaxed) + 1;
-        eject_after > 0 && streak >= eject_after && !self.eject_pending.swap(true, Ordering::AcqRel)
+        self.hot.failures.fetch_add(1, Ordering::Relaxed);
+        let streak = self.hot.failure_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        eject_after > 0
+            && streak >= eject_after
+            && !self.hot.eject_pending.swap(true, Ordering::AcqRel)
     }
 
     /// The control plane decided about an ejection request (done or refused): the next
     /// streak may ask again.
     pub fn clear_eject_request(&self) {
-        self.failure_streak.store(0, Ordering::Relaxed);
-        self.eject_pending.store(false, Ordering::Release);
+        self.hot.failure_streak.store(0, Ordering::Relaxed);
+        self.hot.eject_pending.store(false, Ordering::Release);
     }
 }
 
@@ -321,7 +352,7 @@ pub struct InFlight {
 impl InFlight {
     /// Counts a new request on `backend`.
     pub fn start(backend: Arc<Backend>) -> Self {
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.hot.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             backend,
             start: Instant::now(),
@@ -353,7 +384,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.hot.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

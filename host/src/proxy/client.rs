@@ -165,7 +165,9 @@ async fn connect(
         Err(_) => return Err(ConnectError::Timeout(connect_timeout)),
     };
     let _ = stream.set_nodelay(true);
+    // One buffer, one write per request head (see the server side in `worker`).
     let (sender, conn) = Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;

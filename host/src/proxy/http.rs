@@ -333,7 +333,7 @@ impl ConnCtx {
                 }
                 Err(_) => break,
             };
-            let Some(backend) = view.snapshot.backend(index).cloned() else {
+            let Some(backend) = view.snapshot.backend(index) else {
                 break;
             };
             tried.push(index);

@@ -57,7 +57,7 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
             }
             Err(_) => break,
         };
-        let Some(backend) = view.snapshot.backend(index).cloned() else {
+        let Some(backend) = view.snapshot.backend(index) else {
             break;
         };
         tried.push(index);

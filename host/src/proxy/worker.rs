@@ -384,8 +384,10 @@ pub(super) struct LocalListener {
 impl LocalListener {
     fn new(shared: Arc<ListenerShared>, metrics: Arc<WorkerShard>, conns: Rc<ConnPool>) -> Self {
         let mut h1 = hyper::server::conn::http1::Builder::new();
-        // The idle timeout is ours (no timer per request); see http::Activity.
-        h1.keep_alive(true).header_read_timeout(None);
+        // The idle timeout is ours (no timer per request); see http::Activity. Heads and
+        // small bodies are copied into one buffer and sent with one write (measured:
+        // cheaper than writev's queue for proxied responses).
+        h1.keep_alive(true).header_read_timeout(None).writev(false);
         let h2 = hyper::server::conn::http2::Builder::new(LocalExec);
         let snapshot = shared.pool.snapshot();
         let settings = shared.settings.load_full();
