@@ -152,6 +152,7 @@ fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
     })
 }
 
+/// Decodes a query value (`%XX` and `+`); malformed escapes are kept as they are.
 pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

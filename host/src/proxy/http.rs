@@ -256,19 +256,26 @@ impl ConnCtx {
     async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<ResBody> {
         let activity = self.activity.begin();
         let start = Instant::now();
-        let (mut res, backend) = self.forward(req).await;
+        let (mut res, backend, answered) = self.forward(req, start).await;
         let local = &self.local;
+        let done = answered.unwrap_or_else(Instant::now);
         local.metrics.record(
             local.shared.index,
             backend,
             res.status().as_u16(),
-            start.elapsed(),
+            done.saturating_duration_since(start),
         );
         res.body_mut().attach(activity);
         res
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> (Response<ResBody>, Option<SocketAddr>) {
+    /// Forwards with failover; returns the response, the backend that answered or failed
+    /// last, and when the response head arrived (none for the proxy's own answers).
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        arrived: Instant,
+    ) -> (Response<ResBody>, Option<SocketAddr>, Option<Instant>) {
         let local = &self.local;
         let shared = &local.shared;
         let (view, settings) = local.state();
@@ -329,6 +336,7 @@ impl ConnCtx {
                     return (
                         text(StatusCode::SERVICE_UNAVAILABLE, why.message(local)),
                         None,
+                        None,
                     );
                 }
                 Err(_) => break,
@@ -337,7 +345,12 @@ impl ConnCtx {
                 break;
             };
             tried.push(index);
-            let mut guard = InFlight::start(backend.clone());
+            // The first attempt starts with the request (one clock read less).
+            let mut guard = if attempt == 0 {
+                InFlight::start_at(backend.clone(), arrived)
+            } else {
+                InFlight::start(backend.clone())
+            };
 
             // A pooled connection the backend closed while idle sends nothing: the request
             // comes back, and goes again on a fresh connection to the same backend.
@@ -368,8 +381,9 @@ impl ConnCtx {
                 .await;
                 match sent {
                     Ok(Ok(res)) => {
+                        let at = Instant::now();
                         let ok = !res.status().is_server_error();
-                        if guard.finish(ok, Some(guard.started().elapsed()), passive) {
+                        if guard.answered(ok, at, passive) {
                             shared.eject(backend.clone());
                         }
                         let res = self.respond(
@@ -380,7 +394,7 @@ impl ConnCtx {
                             client_version,
                             client_upgrade,
                         );
-                        return (res, Some(backend.addr));
+                        return (res, Some(backend.addr), Some(at));
                     }
                     Ok(Err(mut e)) => match e.take_message() {
                         Some(unsent) if conn.reused && !fresh => {
@@ -402,12 +416,13 @@ impl ConnCtx {
             last = Some(failure);
         }
         match last {
-            Some(f) => (f.response(), Some(f.backend())),
+            Some(f) => (f.response(), Some(f.backend()), None),
             None => (
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     NoBackend::Healthy.message(local),
                 ),
+                None,
                 None,
             ),
         }

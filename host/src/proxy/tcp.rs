@@ -68,7 +68,7 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
             {
                 Ok(Ok(upstream)) => {
                     let _ = upstream.set_nodelay(true);
-                    guard.finish(true, Some(guard.started().elapsed()), passive);
+                    guard.answered(true, Instant::now(), passive);
                     local
                         .metrics
                         .record(shared.index, Some(backend.addr), TCP_OK, start.elapsed());

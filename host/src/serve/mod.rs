@@ -42,6 +42,7 @@ fn wasm_runtime() -> Result<Runtime> {
     Ok(rt)
 }
 
+/// The runtime's name for a configured plugin.
 pub(crate) fn plugin_source(p: &PluginRef) -> PluginSource {
     match p {
         PluginRef::Builtin(n) => PluginSource::Builtin(n.clone()),
