@@ -950,7 +950,7 @@ async fn the_admin_token_is_required_for_mutations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_backend_and_plugin_changes() {
     bounded(async {
-        let bs = spawn_backends(2).await;
+        let bs = spawn_backends(3).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lbwasm.toml");
         let write = |plugin: &str, backends: &[(SocketAddr, u32)]| {
@@ -974,6 +974,19 @@ async fn reload_applies_backend_and_plugin_changes() {
         let seen = spread(&c, addr, 400).await;
         assert_eq!(seen.get(&id_of(&bs[0])), Some(&300), "{seen:?}");
         assert_eq!(seen.get(&id_of(&bs[1])), Some(&100), "{seen:?}");
+
+        // A reload applies what changed in the file: a backend taken out of it goes, one
+        // added through the admin API stays.
+        let add = json!({"listener": "web", "addresses": [bs[2].addr().to_string()]});
+        let (status, v) = admin(&c, &server, Method::POST, "/backends/add", Some(add), None).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        write("round_robin", &addrs(&bs[..1]));
+        let (status, v) = admin(&c, &server, Method::POST, "/reload", None, None).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert!(v["changes"].to_string().contains("removed"), "{v}");
+        let seen = spread(&c, addr, 30).await;
+        assert_eq!(seen.get(&id_of(&bs[0])), Some(&15), "{seen:?}");
+        assert_eq!(seen.get(&id_of(&bs[2])), Some(&15), "{seen:?}");
 
         // A broken file is refused with its line, and nothing changes.
         std::fs::write(
@@ -1205,6 +1218,148 @@ async fn idle_client_connections_are_closed() {
         let text = String::from_utf8_lossy(&all);
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains("GET /once served by"), "{text}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+/// Reads one request head (through the blank line) from `r`; None at end of stream.
+async fn read_head(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<Vec<String>> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end().to_string();
+        if line.is_empty() {
+            return Some(lines);
+        }
+        lines.push(line);
+    }
+}
+
+/// A backend that answers by path with hand-written HTTP/1.1, to drive every framing the
+/// proxy's backend client must handle: chunked (with extensions and trailers), delimited by
+/// close, an interim `100 Continue`, a malformed length, a chunked request body, and a
+/// keep-alive connection closed just as the next request arrives.
+async fn scripted_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                let mut answered = 0;
+                while let Some(head) = read_head(&mut r).await {
+                    let path = head[0].split(' ').nth(1).unwrap_or("").to_string();
+                    if path == "/stale" && answered > 0 {
+                        // Closed as the second request arrives: nothing comes back.
+                        return;
+                    }
+                    answered += 1;
+                    let reply: String = match path.as_str() {
+                        "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                                       5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+                            .into(),
+                        "/close" => {
+                            let _ = w
+                                .write_all(
+                                    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close",
+                                )
+                                .await;
+                            let _ = w.shutdown().await;
+                            return;
+                        }
+                        "/continue" => "HTTP/1.1 100 Continue\r\n\r\n\
+                                        HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+                            .into(),
+                        "/bad-length" => {
+                            "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello".into()
+                        }
+                        "/upload" => {
+                            // A chunked request body, decoded by hand.
+                            let chunked = head
+                                .iter()
+                                .any(|h| h.eq_ignore_ascii_case("transfer-encoding: chunked"));
+                            let mut body = Vec::new();
+                            loop {
+                                let mut size = String::new();
+                                r.read_line(&mut size).await.expect("chunk size");
+                                let n = usize::from_str_radix(size.trim(), 16).expect("hex");
+                                let mut chunk = vec![0; n + 2];
+                                r.read_exact(&mut chunk).await.expect("chunk");
+                                if n == 0 {
+                                    break;
+                                }
+                                body.extend_from_slice(&chunk[..n]);
+                            }
+                            let text =
+                                format!("chunked={chunked} {}", String::from_utf8_lossy(&body));
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                                text.len()
+                            )
+                        }
+                        _ => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce".into(),
+                    };
+                    if w.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_framing_is_relayed_and_stale_connections_retried() {
+    bounded(async {
+        let backend = scripted_backend().await;
+        // The test client keeps one connection, so one proxy worker serves it all and
+        // reuses its pooled backend connections.
+        let server = start("round_robin", &[(backend, 1)], "", "");
+        let addr = server.listen_addrs()[0];
+        let c = client();
+
+        let r = get(&c, addr, "/chunked").await;
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "hello world"));
+        let r = get(&c, addr, "/close").await;
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "until close"));
+        let r = get(&c, addr, "/continue").await;
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "final"));
+        let r = get(&c, addr, "/bad-length").await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+        assert!(r.text().contains("invalid content-length"), "{}", r.text());
+
+        // The backend drops a pooled connection as the next GET arrives: the GET goes again
+        // on a fresh connection, and the client never sees it.
+        for _ in 0..3 {
+            let r = get(&c, addr, "/stale").await;
+            assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "once"));
+        }
+        // A POST that met the same fate is not sent twice: it may have been acted on.
+        let posted = send(&c, Method::POST, format!("http://{addr}/stale"), &[], Bytes::from_static(b"x")).await;
+        assert_eq!(posted.status, StatusCode::BAD_GATEWAY, "{}", posted.text());
+        assert!(posted.text().contains("failed before answering"), "{}", posted.text());
+
+        // A chunked request body of unknown length reaches the backend chunk-encoded.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+              3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.expect("read");
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        assert!(raw.ends_with("chunked=true abcdefg"), "{raw}");
         server.shutdown(Duration::from_secs(5)).await;
     })
     .await;

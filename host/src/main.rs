@@ -3,6 +3,10 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+/// mimalloc: per-thread free lists suit the share-nothing workers (see README, dependencies).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = lbwasm::cli::Cli::parse();
     // The simulator draws progress bars; the proxy it runs would scroll info logs over them.

@@ -1,57 +1,29 @@
 //! Bodies on both sides of the proxy, streamed frame by frame, never buffered.
 //!
 //! [`ResBody`] carries what must live exactly as long as a response is being streamed: the
-//! backend's in-flight guard, the backend connection (returned to the worker's pool only if
-//! the body ended cleanly), and the client connection's activity mark (idle timeout).
+//! backend's in-flight guard and the client connection's activity mark (idle timeout).
+//! [`BackendBody`] reads a backend's body straight off its connection, by the framing its
+//! head declared ([`Framing`], RFC 9112 §6.3), and returns the connection to the worker's
+//! pool the moment the body has been read to its end.
 
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
-use super::client::Checkin;
+use super::client::{BackendConn, Checkin};
 use super::http::ActivityGuard;
 use crate::pool::InFlight;
 
-/// What is sent to a backend: the client's body as it arrives, or nothing (a retry of a
-/// bodiless request).
-pub(crate) enum ReqBody {
-    /// Streamed from the client.
-    Client(Incoming),
-    /// No body.
-    Empty,
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ReqBody::Client(b) => Pin::new(b).poll_frame(cx),
-            ReqBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Client(b) => b.is_end_stream(),
-            ReqBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Client(b) => b.size_hint(),
-            ReqBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
+/// Read size while streaming a body.
+const BODY_CHUNK: usize = 16 * 1024;
+/// Longest chunk-size line (with extensions) and trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
 
 /// What is sent to a client: a backend's body, or the proxy's own one-line text.
 pub(crate) struct ResBody {
@@ -60,7 +32,7 @@ pub(crate) struct ResBody {
 }
 
 enum Kind {
-    Backend(Incoming),
+    Backend(BackendBody),
     Text(Option<Bytes>),
 }
 
@@ -68,17 +40,11 @@ enum Kind {
 #[derive(Default)]
 struct Tail {
     in_flight: Option<InFlight>,
-    checkin: Option<Checkin>,
     activity: Option<ActivityGuard>,
 }
 
 impl Tail {
-    fn release(&mut self, clean: bool) {
-        if let Some(c) = self.checkin.take()
-            && clean
-        {
-            c.release();
-        }
+    fn release(&mut self) {
         self.in_flight = None;
         self.activity = None;
     }
@@ -88,17 +54,12 @@ impl Tail {
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResBody {
-    /// A backend's body; `in_flight` and `checkin` are released when it ends.
-    pub(crate) fn backend(
-        body: Incoming,
-        in_flight: Option<InFlight>,
-        checkin: Option<Checkin>,
-    ) -> Self {
+    /// A backend's body; `in_flight` is released when it ends.
+    pub(crate) fn backend(body: BackendBody, in_flight: InFlight) -> Self {
         ResBody {
             kind: Kind::Backend(body),
             tail: Tail {
-                in_flight,
-                checkin,
+                in_flight: Some(in_flight),
                 activity: None,
             },
         }
@@ -127,7 +88,7 @@ impl ResBody {
 
     fn ended(&self) -> bool {
         match &self.kind {
-            Kind::Backend(b) => b.is_end_stream(),
+            Kind::Backend(b) => b.ended(),
             Kind::Text(t) => t.is_none(),
         }
     }
@@ -144,14 +105,13 @@ impl Body for ResBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Backend(b) => {
-                ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+                ready!(b.poll_next(cx)).map(|r| r.map(Frame::data).map_err(BoxError::from))
             }
             Kind::Text(t) => t.take().map(|b| Ok(Frame::data(b))),
         };
         match &polled {
-            None => this.tail.release(true),
-            Some(Err(_)) => this.tail.release(false),
-            Some(Ok(_)) if this.ended() => this.tail.release(true),
+            None | Some(Err(_)) => this.tail.release(),
+            Some(Ok(_)) if this.ended() => this.tail.release(),
             Some(Ok(_)) => {}
         }
         Poll::Ready(polled)
@@ -169,11 +129,470 @@ impl Body for ResBody {
     }
 }
 
-impl Drop for ResBody {
-    fn drop(&mut self) {
-        // hyper does not poll a body that says it has ended (HEAD, 204, 304, Content-Length
-        // reached): that is a clean end too.
-        let clean = self.ended();
-        self.tail.release(clean);
+/// How a backend's response body is delimited (RFC 9112 §6.3), and whether the
+/// connection can carry another request after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Exactly this many bytes (0: no body: HEAD, 1xx, 204, 304); then reusable or not.
+    Length(u64, bool),
+    /// Chunked transfer coding; then reusable or not.
+    Chunked(bool),
+    /// Everything until the backend closes the connection.
+    Close,
+}
+
+impl Framing {
+    /// The framing a response head declares. A malformed `Content-Length` is an error (a
+    /// desynchronised connection must not be reused or trusted).
+    pub(crate) fn of(
+        status: StatusCode,
+        version: Version,
+        headers: &HeaderMap,
+        head_only: bool,
+    ) -> Result<Framing, String> {
+        let mut keep_alive = version == Version::HTTP_11;
+        for v in headers.get_all(header::CONNECTION) {
+            for token in v.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
+                    keep_alive = true;
+                }
+            }
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(Framing::Length(0, false));
+        }
+        if head_only
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Framing::Length(0, keep_alive));
+        }
+        if let Some(last) = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            let chunked = last
+                .to_str()
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+            // With both, Transfer-Encoding wins and the connection is not reused.
+            let both = headers.contains_key(header::CONTENT_LENGTH);
+            return Ok(if chunked {
+                Framing::Chunked(keep_alive && !both)
+            } else {
+                Framing::Close
+            });
+        }
+        let mut length = None;
+        for v in headers.get_all(header::CONTENT_LENGTH) {
+            for item in v.to_str().unwrap_or("x").split(',') {
+                let item = item.trim();
+                let n: u64 = (!item.is_empty() && item.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| item.parse().ok())
+                    .flatten()
+                    .ok_or_else(|| format!("invalid content-length {:?}", item))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting content-length values".into());
+                }
+                length = Some(n);
+            }
+        }
+        Ok(match length {
+            Some(n) => Framing::Length(n, keep_alive),
+            None => Framing::Close,
+        })
+    }
+}
+
+/// A backend's response body, read from its connection.
+pub(crate) struct BackendBody {
+    conn: Option<BackendConn>,
+    state: State,
+    keep_alive: bool,
+    checkin: Option<Checkin>,
+}
+
+enum State {
+    Length(u64),
+    Chunked(ChunkDecoder),
+    Close,
+    Done,
+}
+
+impl BackendBody {
+    /// The body framed by `framing` on `conn`; `checkin` takes the connection back after it.
+    pub(crate) fn new(conn: BackendConn, framing: Framing, checkin: Checkin) -> Self {
+        let (state, keep_alive) = match framing {
+            Framing::Length(n, ka) => (State::Length(n), ka),
+            Framing::Chunked(ka) => (State::Chunked(ChunkDecoder::default()), ka),
+            Framing::Close => (State::Close, false),
+        };
+        let mut body = BackendBody {
+            conn: Some(conn),
+            state,
+            keep_alive,
+            checkin: Some(checkin),
+        };
+        if matches!(body.state, State::Length(0)) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has been read to its end: the connection goes back to the pool if the
+    /// backend keeps it open and sent nothing beyond the body.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some(checkin)) = (self.conn.take(), self.checkin.take())
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            checkin.release(conn);
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        let data = conn.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.finish();
+                        }
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                State::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(data))),
+                    Ok(Decoded::Done) => {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => {}
+                    Err(why) => {
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            why,
+                        ))));
+                    }
+                },
+                State::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+            }
+            // Nothing buffered: read more.
+            let conn = self.conn.as_mut().expect("checked above");
+            match ready!(poll_fill(conn, cx)) {
+                Ok(0) if matches!(self.state, State::Close) => {
+                    self.state = State::Done;
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection before the end of the body",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn ended(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Reads what the socket has into the connection's buffer (0: the backend closed it).
+fn poll_fill(conn: &mut BackendConn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if conn.buf.capacity() - conn.buf.len() < 1024 {
+        conn.buf.reserve(BODY_CHUNK);
+    }
+    loop {
+        ready!(conn.stream.poll_read_ready(cx))?;
+        match conn.stream.try_read_buf(&mut conn.buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
+/// The chunked transfer coding, decoded in place (RFC 9112 §7.1): data comes out as slices
+/// of the read buffer; extensions and trailers are read and dropped (an HTTP/1.1 hop's
+/// trailers are not forwarded).
+#[derive(Default)]
+pub(crate) struct ChunkDecoder {
+    state: ChunkState,
+}
+
+#[derive(Default)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+    Done,
+}
+
+/// One step of the decoder.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The buffer holds no complete next step: read more.
+    More,
+    /// The last chunk and the trailers have been read.
+    Done,
+}
+
+impl ChunkDecoder {
+    /// Consumes what it can from the front of `buf`.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, String> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(Decoded::Done),
+                ChunkState::Size => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err("chunk size line too long".into())
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    let line = buf.split_to(end + 1);
+                    let Some(line) = line.strip_suffix(b"\r\n") else {
+                        return Err("chunk size line not ended by CRLF".into());
+                    };
+                    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                    if digits == 0 || digits > 16 {
+                        return Err("invalid chunk size".into());
+                    }
+                    match line[digits..].first() {
+                        None | Some(b';' | b' ' | b'\t') => {}
+                        Some(_) => return Err("invalid chunk size".into()),
+                    }
+                    let hex = std::str::from_utf8(&line[..digits]).map_err(|e| e.to_string())?;
+                    let size = u64::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers(0)
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("chunk data not followed by CRLF".into());
+                    }
+                    let _ = buf.split_to(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers(seen) => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        return if seen + buf.len() > MAX_TRAILERS {
+                            Err("trailer section too large".into())
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    let line = buf.split_to(end + 1);
+                    if &line[..] == b"\r\n" {
+                        self.state = ChunkState::Done;
+                    } else {
+                        self.state = ChunkState::Trailers(seen + line.len());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8], step: usize) -> Result<(Vec<u8>, BytesMut), String> {
+        let mut d = ChunkDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match d.decode(&mut buf)? {
+                Decoded::Data(b) => out.extend_from_slice(&b),
+                Decoded::Done => return Ok((out, buf)),
+                Decoded::More if fed >= input.len() => return Err("incomplete".into()),
+                Decoded::More => {
+                    let n = step.min(input.len() - fed);
+                    buf.extend_from_slice(&input[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_split() {
+        let input =
+            b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, 100] {
+            let (out, rest) = decode_all(input, step).unwrap();
+            assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            // What follows the body is left for whoever reads next.
+            assert_eq!(&rest[..], &b"NEXT"[..rest.len()], "step {step}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"-1\r\n",
+        ] {
+            assert!(
+                decode_all(bad, 100).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        let ok = StatusCode::OK;
+        let v11 = Version::HTTP_11;
+        assert_eq!(
+            Framing::of(ok, v11, &h(&[("content-length", "7")]), false),
+            Ok(Framing::Length(7, true))
+        );
+        assert_eq!(
+            Framing::of(ok, v11, &h(&[("content-length", "7")]), true),
+            Ok(Framing::Length(0, true))
+        );
+        assert_eq!(
+            Framing::of(StatusCode::NO_CONTENT, v11, &h(&[]), false),
+            Ok(Framing::Length(0, true))
+        );
+        assert_eq!(
+            Framing::of(
+                ok,
+                v11,
+                &h(&[("transfer-encoding", "gzip, chunked")]),
+                false
+            ),
+            Ok(Framing::Chunked(true))
+        );
+        assert_eq!(
+            Framing::of(
+                ok,
+                v11,
+                &h(&[("transfer-encoding", "chunked"), ("content-length", "3")]),
+                false
+            ),
+            Ok(Framing::Chunked(false))
+        );
+        assert_eq!(
+            Framing::of(ok, v11, &h(&[("transfer-encoding", "gzip")]), false),
+            Ok(Framing::Close)
+        );
+        assert_eq!(Framing::of(ok, v11, &h(&[]), false), Ok(Framing::Close));
+        assert_eq!(
+            Framing::of(
+                ok,
+                v11,
+                &h(&[("connection", "close"), ("content-length", "1")]),
+                false
+            ),
+            Ok(Framing::Length(1, false))
+        );
+        assert_eq!(
+            Framing::of(ok, Version::HTTP_10, &h(&[("content-length", "1")]), false),
+            Ok(Framing::Length(1, false))
+        );
+        assert_eq!(
+            Framing::of(
+                ok,
+                Version::HTTP_10,
+                &h(&[("connection", "keep-alive"), ("content-length", "1")]),
+                false
+            ),
+            Ok(Framing::Length(1, true))
+        );
+        assert_eq!(
+            Framing::of(ok, v11, &h(&[("content-length", "3, 3")]), false),
+            Ok(Framing::Length(3, true))
+        );
+        assert!(
+            Framing::of(
+                ok,
+                v11,
+                &h(&[("content-length", "3"), ("content-length", "4")]),
+                false
+            )
+            .is_err()
+        );
+        assert!(Framing::of(ok, v11, &h(&[("content-length", "+3")]), false).is_err());
     }
 }

@@ -1,27 +1,51 @@
-//! [`ConnPool`]: one worker's keep-alive connections to the backends, on hyper's low-level
-//! `client::conn::http1` (not hyper-util's legacy `Client`, whose pool is one global
-//! mutex). Owned by a single thread, so a checkout is a `RefCell` borrow.
+//! The backend side of the HTTP path: one worker's keep-alive HTTP/1.1 connections
+//! ([`ConnPool`]) and the exchange on one of them ([`BackendConn::send`]).
 //!
-//! A connection goes back to the pool only when its response body ended cleanly; one whose
-//! exchange failed or was abandoned is dropped (hyper closes it).
+//! Pingora's design rather than hyper's client: the request's own task writes the head,
+//! reads the response head and then streams the body straight off the socket
+//! ([`super::body::BackendBody`]). hyper's client runs a task per connection and hands
+//! requests, responses and every body chunk across channels, which cost several task
+//! wake-ups per request; measured on this path, that was most of the proxy's user time.
+//! The head is serialised from a borrowed `Parts`, so a failed bodiless request can be sent
+//! again without having been copied.
+//!
+//! The pool is owned by one worker thread: a checkout is a `RefCell` borrow. An idle
+//! connection has no task. Whether the backend closed it is probed at checkout for requests
+//! that could not be repeated, and found out by the exchange itself for the others (which
+//! then go again on a fresh connection); the sweeper closes dead idle ones.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
-use super::body::ReqBody;
+use hyper::body::Incoming;
+
+use super::body::Framing;
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed (backends close theirs eventually too;
 /// reusing one just as it closes costs a retry).
 const IDLE_TTL: Duration = Duration::from_secs(30);
+/// The largest response head accepted (status line and headers).
+const MAX_HEAD: usize = 64 * 1024;
+/// The most response headers accepted.
+const MAX_HEADERS: usize = 128;
+/// Read buffer: one allocation per response head, grown for large heads only.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// One worker's idle connections, by backend id.
 #[derive(Default)]
@@ -30,29 +54,28 @@ pub(crate) struct ConnPool {
 }
 
 struct Idle {
-    sender: SendRequest<ReqBody>,
+    conn: BackendConn,
     since: Instant,
 }
 
 /// A connection ready for one request.
 pub(crate) struct Conn {
-    /// Send the request here.
-    pub(crate) sender: SendRequest<ReqBody>,
+    /// The connection.
+    pub(crate) conn: BackendConn,
     /// True if it came from the pool (it may have been closed by the backend meanwhile).
     pub(crate) reused: bool,
 }
 
-/// A connection on loan for one exchange; [`Checkin::release`] returns it.
+/// Returns a connection to its worker's pool once its response has been read to the end.
 pub(crate) struct Checkin {
     pool: Rc<ConnPool>,
     backend: u32,
-    sender: SendRequest<ReqBody>,
 }
 
 impl Checkin {
-    /// Returns the connection to the pool (its exchange ended cleanly).
-    pub(crate) fn release(self) {
-        self.pool.put(self.backend, self.sender);
+    /// Puts `conn` back for the next request to the same backend.
+    pub(crate) fn release(self, conn: BackendConn) {
+        self.pool.put(self.backend, conn);
     }
 }
 
@@ -60,11 +83,9 @@ impl Checkin {
 #[derive(Debug)]
 pub(crate) enum ConnectError {
     /// The TCP connect failed (refused, unreachable...).
-    Io(std::io::Error),
+    Io(io::Error),
     /// The TCP connect took longer than the connect timeout.
     Timeout(Duration),
-    /// The HTTP/1 handshake failed.
-    Handshake(hyper::Error),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -72,36 +93,28 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Io(e) => write!(f, "{e}"),
             ConnectError::Timeout(d) => write!(f, "no connection within {d:?}"),
-            ConnectError::Handshake(e) => write!(f, "handshake failed: {e}"),
         }
     }
 }
 
 impl ConnPool {
-    /// A pooled connection to `backend` if one is usable, else a new one.
+    /// A pooled connection to `backend` if one is usable, else a new one. `probe`: make
+    /// sure first that the backend has not closed it, for a request that could not be sent
+    /// again if it had (costs a system call; a replayable request is simply retried on a
+    /// fresh connection if it meets a closed one).
     pub(crate) async fn get(
         &self,
         backend: u32,
         addr: SocketAddr,
         connect_timeout: Duration,
+        probe: bool,
     ) -> Result<Conn, ConnectError> {
         loop {
             let idle = self.idle.borrow_mut().get_mut(&backend).and_then(Vec::pop);
-            let Some(mut idle) = idle else { break };
-            if idle.sender.is_closed() {
-                continue;
-            }
-            if idle.sender.is_ready() {
+            let Some(idle) = idle else { break };
+            if !probe || idle.conn.is_usable() {
                 return Ok(Conn {
-                    sender: idle.sender,
-                    reused: true,
-                });
-            }
-            // Its connection task has not yet noted the end of the previous exchange:
-            // normally one poll away.
-            if let Ok(Ok(())) = tokio::time::timeout(connect_timeout, idle.sender.ready()).await {
-                return Ok(Conn {
-                    sender: idle.sender,
+                    conn: idle.conn,
                     reused: true,
                 });
             }
@@ -115,66 +128,408 @@ impl ConnPool {
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
-        connect(addr, connect_timeout).await.map(|sender| Conn {
-            sender,
+        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Err(_) => return Err(ConnectError::Timeout(connect_timeout)),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            conn: BackendConn {
+                stream,
+                buf: BytesMut::new(),
+                out: Vec::new(),
+            },
             reused: false,
         })
     }
 
-    /// Lends `sender` for one exchange with `backend`.
-    pub(crate) fn checkin(self: &Rc<Self>, backend: u32, sender: SendRequest<ReqBody>) -> Checkin {
+    /// What returns a connection to `backend` here when its response is done.
+    pub(crate) fn checkin(self: &Rc<Self>, backend: u32) -> Checkin {
         Checkin {
             pool: self.clone(),
             backend,
-            sender,
         }
     }
 
-    fn put(&self, backend: u32, sender: SendRequest<ReqBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, backend: u32, conn: BackendConn) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(backend).or_default();
         if list.len() < MAX_IDLE {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Drops closed and stale idle connections (and the lists of backends that are gone).
+    /// Closes idle connections that are stale or that their backend closed, and forgets
+    /// the lists of backends that are gone.
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TTL);
+            list.retain(|c| now.duration_since(c.since) < IDLE_TTL && c.conn.is_usable());
             !list.is_empty()
         });
     }
 }
 
-/// Opens a connection (TCP_NODELAY) and runs its HTTP/1 task on this worker.
-async fn connect(
-    addr: SocketAddr,
-    connect_timeout: Duration,
-) -> Result<SendRequest<ReqBody>, ConnectError> {
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Err(_) => return Err(ConnectError::Timeout(connect_timeout)),
-    };
-    let _ = stream.set_nodelay(true);
-    // One buffer, one write per request head (see the server side in `worker`).
-    let (sender, conn) = Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    tokio::task::spawn_local(async move {
-        if let Err(error) = conn.with_upgrades().await {
-            tracing::debug!(backend = %addr, %error, "backend connection ended with an error");
+/// An HTTP/1.1 connection to a backend, between exchanges or during one.
+pub(crate) struct BackendConn {
+    pub(crate) stream: TcpStream,
+    /// Bytes read and not yet consumed (the rest of a body, after its head).
+    pub(crate) buf: BytesMut,
+    /// The request head being written (kept: its capacity serves the next request).
+    out: Vec<u8>,
+}
+
+/// How an exchange failed, and whether the request may simply be sent again.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    /// What went wrong.
+    pub(crate) kind: SendErrorKind,
+    /// Some of the request was written: only a replayable request may go again.
+    pub(crate) sent: bool,
+    /// The request body was (partly) consumed: it cannot be sent again at all.
+    pub(crate) body_used: bool,
+    /// Not a byte of response came back: on a reused connection, the backend most likely
+    /// closed it as the request went out.
+    pub(crate) nothing_back: bool,
+}
+
+/// What went wrong in an exchange.
+#[derive(Debug)]
+pub(crate) enum SendErrorKind {
+    /// Reading or writing the backend socket failed.
+    Io(io::Error),
+    /// The backend closed the connection before a complete response head.
+    Closed,
+    /// The response head is not valid HTTP/1.x.
+    Invalid(String),
+    /// The client's request body failed while it was being forwarded.
+    ClientBody(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            SendErrorKind::Io(e) => write!(f, "{e}"),
+            SendErrorKind::Closed => write!(f, "connection closed before a response"),
+            SendErrorKind::Invalid(why) => write!(f, "invalid response: {why}"),
+            SendErrorKind::ClientBody(e) => write!(f, "client request body failed: {e}"),
         }
+    }
+}
+
+impl BackendConn {
+    /// Whether an idle connection can carry a request: the backend has neither closed it
+    /// nor sent anything unasked. Costs a system call only when the socket was marked
+    /// readable.
+    fn is_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            Ok(_) => false, // 0: closed; >0: bytes nobody asked for
+        }
+    }
+
+    /// Sends `parts` (already prepared for the backend) with `body`, and reads the response
+    /// head. `head_only`: a HEAD request, whose response has no body whatever it says.
+    pub(crate) async fn send(
+        &mut self,
+        parts: &Parts,
+        body: &mut Incoming,
+        head_only: bool,
+    ) -> Result<(http::response::Parts, Framing), SendError> {
+        let fail = |kind, sent, body_used| SendError {
+            kind,
+            sent,
+            body_used,
+            nothing_back: true,
+        };
+        let bodyless = body.is_end_stream();
+        let length = body.size_hint().exact();
+        let chunked = !bodyless && length.is_none();
+        encode_head(
+            &mut self.out,
+            parts,
+            if bodyless { None } else { length },
+            chunked,
+        );
+        if let Err(e) = self.stream.write_all(&self.out).await {
+            return Err(fail(SendErrorKind::Io(e), true, false));
+        }
+        if !bodyless {
+            self.send_body(body, chunked)
+                .await
+                .map_err(|kind| fail(kind, true, true))?;
+        }
+        self.buf.clear();
+        loop {
+            let (head, framing) = self.read_head(head_only).await.map_err(|(kind, read)| {
+                let mut e = fail(kind, true, !bodyless);
+                e.nothing_back = read == 0;
+                e
+            })?;
+            // Interim answers (100 Continue, 103 Early Hints) are not forwarded: the final
+            // one follows on the same connection.
+            if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                continue;
+            }
+            return Ok((head, framing));
+        }
+    }
+
+    /// Streams the client's body to the backend, chunk-encoded when its length is unknown.
+    async fn send_body(&mut self, body: &mut Incoming, chunked: bool) -> Result<(), SendErrorKind> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(SendErrorKind::ClientBody)?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers: an HTTP/1.1 backend gets none
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                let mut size = [0u8; 18];
+                let n = hex_line(&mut size, data.len());
+                self.stream
+                    .write_all(&size[..n])
+                    .await
+                    .map_err(SendErrorKind::Io)?;
+                self.stream
+                    .write_all(&data)
+                    .await
+                    .map_err(SendErrorKind::Io)?;
+                self.stream
+                    .write_all(b"\r\n")
+                    .await
+                    .map_err(SendErrorKind::Io)?;
+            } else {
+                self.stream
+                    .write_all(&data)
+                    .await
+                    .map_err(SendErrorKind::Io)?;
+            }
+        }
+        if chunked {
+            self.stream
+                .write_all(b"0\r\n\r\n")
+                .await
+                .map_err(SendErrorKind::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one response head; on error, also says how many bytes had come back.
+    async fn read_head(
+        &mut self,
+        head_only: bool,
+    ) -> Result<(http::response::Parts, Framing), (SendErrorKind, usize)> {
+        let mut read = 0;
+        loop {
+            if !self.buf.is_empty() {
+                match parse_head(&mut self.buf, head_only) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) if self.buf.len() >= MAX_HEAD => {
+                        return Err((
+                            SendErrorKind::Invalid(format!(
+                                "head larger than {} KiB",
+                                MAX_HEAD / 1024
+                            )),
+                            read,
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(why) => return Err((SendErrorKind::Invalid(why), read)),
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            self.stream
+                .readable()
+                .await
+                .map_err(|e| (SendErrorKind::Io(e), read))?;
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Err((SendErrorKind::Closed, read)),
+                Ok(n) => read += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err((SendErrorKind::Io(e), read)),
+            }
+        }
+    }
+}
+
+/// `{len:x}\r\n` into `out`; returns its length.
+fn hex_line(out: &mut [u8; 18], len: usize) -> usize {
+    let digits = format!("{len:x}");
+    out[..digits.len()].copy_from_slice(digits.as_bytes());
+    out[digits.len()..digits.len() + 2].copy_from_slice(b"\r\n");
+    digits.len() + 2
+}
+
+/// Writes the request line and headers. `length`: the body's exact length (a
+/// `Content-Length` is written for it, replacing the client's); `chunked`: the body is sent
+/// chunk-encoded. `Expect` is left out: the proxy reads the client's body itself (hyper
+/// answers `100 Continue` to the client when it does).
+fn encode_head(out: &mut Vec<u8>, parts: &Parts, length: Option<u64>, chunked: bool) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(if target.is_empty() {
+        b"/"
+    } else {
+        target.as_bytes()
     });
-    Ok(sender)
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::EXPECT {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(n.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    } else if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if parts.method == Method::POST || parts.method == Method::PUT {
+        // An empty body still says so: some servers wait for a body otherwise.
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a response head off the front of `buf` (None: incomplete). The header values
+/// share the head's buffer (no copy); what follows stays in `buf`.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_only: bool,
+) -> Result<Option<(http::response::Parts, Framing)>, String> {
+    // Uninitialised: a 4 KiB memset per response showed in profiles.
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut headers,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let code = res.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| format!("status {code}"))?;
+    let version = if res.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value lies in the buffer, so that both can be cut from it once
+    // it is frozen (no allocation for the spans).
+    let base = buf.as_ptr() as usize;
+    let count = res.headers.len();
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        *span = (
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        );
+    }
+    let head: Bytes = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| {
+            format!(
+                "header name {:?}",
+                String::from_utf8_lossy(&head[ns as usize..ne as usize])
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| format!("value of header {name}"))?;
+        map.append(name, value);
+    }
+    let framing = Framing::of(status, version, &map, head_only)?;
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = map;
+    Ok(Some((parts, framing)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    #[test]
+    fn heads_are_encoded_with_the_body_framing() {
+        let parts = Request::post("/a?b=1")
+            .header("host", "x")
+            .header("content-length", "999")
+            .header("expect", "100-continue")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, Some(3), false);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n"
+        );
+        encode_head(&mut out, &parts, None, true);
+        assert!(
+            String::from_utf8(out.clone())
+                .unwrap()
+                .ends_with("transfer-encoding: chunked\r\n\r\n")
+        );
+        encode_head(&mut out, &parts, None, false);
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .ends_with("content-length: 0\r\n\r\n")
+        );
+    }
+
+    #[test]
+    fn response_heads_parse_and_leave_the_body() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello"[..],
+        );
+        let (head, framing) = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(framing, Framing::Length(5, true));
+        assert_eq!(&buf[..], b"hello");
+
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_head(&mut partial, false).unwrap().is_none());
+        let mut bad = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..]);
+        assert!(
+            parse_head(&mut bad, false)
+                .unwrap_err()
+                .contains("content-length")
+        );
+        let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
+        assert!(parse_head(&mut garbage, false).is_err());
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        let mut b = [0u8; 18];
+        let n = hex_line(&mut b, 0x1f40);
+        assert_eq!(&b[..n], b"1f40\r\n");
+    }
 }

@@ -15,20 +15,19 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::body::{ReqBody, ResBody};
-use super::client::ConnectError;
-use super::headers;
+use super::body::{BackendBody, Framing, ResBody};
+use super::client::{BackendConn, ConnectError, SendError};
 use super::worker::{Drain, LocalListener, NoBackend, Tried};
+use super::{headers, tunnel};
 use crate::plugin::{Protocol, RequestInfo};
 use crate::pool::InFlight;
 
@@ -181,7 +180,7 @@ struct ConnCtx {
 /// Why an attempt failed.
 enum Failure {
     Connect(SocketAddr, ConnectError),
-    Exchange(SocketAddr, hyper::Error),
+    Exchange(SocketAddr, SendError),
     Timeout(SocketAddr, Duration),
 }
 
@@ -227,24 +226,6 @@ fn text(status: StatusCode, cause: String) -> Response<ResBody> {
     res
 }
 
-/// The head of a bodiless idempotent request, kept to retry it after it was sent.
-struct Template {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Template {
-    fn request(&self) -> Request<ReqBody> {
-        let mut r = Request::new(ReqBody::Empty);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.version_mut() = Version::HTTP_11;
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
-}
-
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -282,23 +263,18 @@ impl ConnCtx {
         let client_version = req.version();
         let client_upgrade = headers::wants_upgrade(client_version, req.headers())
             .then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
         let hash_key = headers::hash_key(settings.hash_key.as_ref(), &parts, self.peer.ip());
         headers::prepare_request(&mut parts, &self.client, client_upgrade.is_some());
+        let head_only = parts.method == Method::HEAD;
+        // Sent and failed, it may go again: the head is still here (the client only
+        // borrows it), and there is no body to have lost.
+        let replayable =
+            client_upgrade.is_none() && idempotent(&parts.method) && body.is_end_stream();
         let attempts = settings.retry.attempts.max(1);
-        let template = (attempts > 1
-            && client_upgrade.is_none()
-            && idempotent(&parts.method)
-            && body.is_end_stream())
-        .then(|| Template {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-        });
         local.budget.deposit(settings.retry.budget_percent);
         let passive = settings.passive.consecutive_failures;
 
-        let mut pending = Some(Request::from_parts(parts, ReqBody::Client(body)));
         let mut info = RequestInfo {
             protocol: Protocol::Http,
             client_ip: self.peer.ip(),
@@ -307,13 +283,12 @@ impl ConnCtx {
         };
         let mut tried = Tried::default();
         let mut last: Option<Failure> = None;
+        // Whether the request can still go to another backend.
+        let mut can_retry = true;
         for attempt in 0..attempts {
-            let Some(mut req) = pending
-                .take()
-                .or_else(|| template.as_ref().map(Template::request))
-            else {
+            if !can_retry {
                 break;
-            };
+            }
             if attempt > 0 {
                 if !local.budget.withdraw() {
                     tracing::debug!(listener = %shared.name, "retry budget exhausted");
@@ -323,13 +298,13 @@ impl ConnCtx {
             }
             // The plugin reads the request's method, URI and headers: lent, not copied.
             info.attempt = attempt;
-            info.method = std::mem::take(req.method_mut());
-            info.uri = std::mem::take(req.uri_mut());
-            std::mem::swap(&mut info.headers, req.headers_mut());
+            info.method = std::mem::take(&mut parts.method);
+            info.uri = std::mem::take(&mut parts.uri);
+            std::mem::swap(&mut info.headers, &mut parts.headers);
             let pick = local.choose(&view, &mut info, tried.as_slice());
-            *req.method_mut() = std::mem::take(&mut info.method);
-            *req.uri_mut() = std::mem::take(&mut info.uri);
-            std::mem::swap(&mut info.headers, req.headers_mut());
+            parts.method = std::mem::take(&mut info.method);
+            parts.uri = std::mem::take(&mut info.uri);
+            std::mem::swap(&mut info.headers, &mut parts.headers);
             let index = match pick {
                 Ok(i) => i,
                 Err(why) if attempt == 0 => {
@@ -352,8 +327,9 @@ impl ConnCtx {
                 InFlight::start(backend.clone())
             };
 
-            // A pooled connection the backend closed while idle sends nothing: the request
-            // comes back, and goes again on a fresh connection to the same backend.
+            // A pooled connection the backend closed as the request went out answers
+            // nothing: the request goes again on a fresh connection to the same backend,
+            // if nothing of it can have been acted on (or it may be repeated anyway).
             let mut fresh = false;
             let failure = loop {
                 let conn = if fresh {
@@ -364,49 +340,58 @@ impl ConnCtx {
                 } else {
                     local
                         .conns
-                        .get(backend.id, backend.addr, settings.timeouts.connect)
+                        .get(
+                            backend.id,
+                            backend.addr,
+                            settings.timeouts.connect,
+                            !replayable,
+                        )
                         .await
                 };
                 let mut conn = match conn {
                     Ok(c) => c,
-                    Err(e) => {
-                        pending = Some(req);
-                        break Failure::Connect(backend.addr, e);
-                    }
+                    Err(e) => break Failure::Connect(backend.addr, e),
                 };
                 let sent = tokio::time::timeout(
                     settings.timeouts.request,
-                    conn.sender.try_send_request(req),
+                    conn.conn.send(&parts, &mut body, head_only),
                 )
                 .await;
                 match sent {
-                    Ok(Ok(res)) => {
+                    Ok(Ok((head, framing))) => {
                         let at = Instant::now();
-                        let ok = !res.status().is_server_error();
+                        let ok = !head.status.is_server_error();
                         if guard.answered(ok, at, passive) {
                             shared.eject(backend.clone());
                         }
                         let res = self.respond(
-                            res,
+                            head,
+                            framing,
+                            conn.conn,
                             guard,
-                            conn.sender,
                             backend.id,
                             client_version,
                             client_upgrade,
                         );
                         return (res, Some(backend.addr), Some(at));
                     }
-                    Ok(Err(mut e)) => match e.take_message() {
-                        Some(unsent) if conn.reused && !fresh => {
-                            req = unsent;
+                    Ok(Err(e)) => {
+                        can_retry &= replayable || !e.sent;
+                        if e.nothing_back
+                            && conn.reused
+                            && !fresh
+                            && !e.body_used
+                            && (replayable || !e.sent)
+                        {
                             fresh = true;
+                            continue;
                         }
-                        unsent => {
-                            pending = unsent;
-                            break Failure::Exchange(backend.addr, e.into_error());
-                        }
-                    },
-                    Err(_) => break Failure::Timeout(backend.addr, settings.timeouts.request),
+                        break Failure::Exchange(backend.addr, e);
+                    }
+                    Err(_) => {
+                        can_retry &= replayable;
+                        break Failure::Timeout(backend.addr, settings.timeouts.request);
+                    }
                 }
             };
             if guard.finish(false, None, passive) {
@@ -429,21 +414,22 @@ impl ConnCtx {
     }
 
     /// The backend's response, fit for the client; a protocol switch becomes a tunnel.
+    #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
-        mut res: Response<Incoming>,
+        mut parts: http::response::Parts,
+        framing: Framing,
+        conn: BackendConn,
         guard: InFlight,
-        sender: SendRequest<ReqBody>,
         backend: u32,
         client_version: Version,
         client_upgrade: Option<OnUpgrade>,
     ) -> Response<ResBody> {
-        let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         let tunnel = match client_upgrade {
-            Some(client) if switching => Some((client, hyper::upgrade::on(&mut res))),
+            Some(client) if switching => Some(client),
             _ => None,
         };
-        let (mut parts, body) = res.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, tunnel.is_some());
         parts.version = if client_version == Version::HTTP_2 {
             Version::HTTP_2
@@ -451,29 +437,36 @@ impl ConnCtx {
             Version::HTTP_11
         };
         let body = match tunnel {
-            Some((client, backend_side)) => {
+            Some(client) => {
                 let peer = self.peer;
+                let idle = self.local.state().1.timeouts.idle;
                 tokio::task::spawn_local(async move {
                     let _guard = guard; // in flight for the tunnel's life
-                    match tokio::join!(client, backend_side) {
-                        (Ok(c), Ok(b)) => {
-                            let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                            if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut b).await
+                    match client.await {
+                        Ok(c) => {
+                            if let Err(error) = tunnel::switched(TokioIo::new(c), conn, idle).await
                             {
                                 tracing::debug!(%peer, %error, "upgraded connection ended with an error");
                             }
                         }
-                        (c, b) => {
-                            tracing::debug!(%peer, client = ?c.err(), backend = ?b.err(), "protocol switch failed");
+                        Err(error) => {
+                            tracing::debug!(%peer, %error, "protocol switch failed");
                         }
                     }
                 });
                 ResBody::empty()
             }
+            None if switching => {
+                // A switch nobody asked for: the connection now speaks something else.
+                drop(conn);
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    "backend switched protocols unasked".into(),
+                );
+            }
             None => ResBody::backend(
-                body,
-                Some(guard),
-                Some(self.local.conns.checkin(backend, sender)),
+                BackendBody::new(conn, framing, self.local.conns.checkin(backend)),
+                guard,
             ),
         };
         Response::from_parts(parts, body)

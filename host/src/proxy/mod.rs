@@ -13,7 +13,8 @@
 //! - [`worker`]: threads, accept loops, drain on shutdown.
 //! - [`http`]: HTTP/1.1 and h2c from clients, forwarding, retries, upgrades.
 //! - [`tcp`]: per-connection balancing of raw TCP.
-//! - [`client`]: the per-worker backend connection pool.
+//! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
+//! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
 //! - [`headers`], [`body`], [`budget`]: the pieces the HTTP path is made of.
 //!
 //! Health, load reports and managed processes are not here: they run on the control plane
@@ -25,6 +26,7 @@ mod client;
 mod headers;
 mod http;
 mod tcp;
+mod tunnel;
 mod worker;
 
 pub use worker::{WorkerHandle, bind, spawn_workers};

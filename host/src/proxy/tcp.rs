@@ -4,17 +4,13 @@
 //! connection is silent for the idle timeout. The backend's in-flight guard lives as long as
 //! the connection.
 
-use std::cell::Cell;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::tunnel::relay;
 use super::worker::{LocalListener, Tried};
 use crate::config::HashKey;
 use crate::metrics::TCP_OK;
@@ -72,7 +68,9 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
                     local
                         .metrics
                         .record(shared.index, Some(backend.addr), TCP_OK, start.elapsed());
-                    relay(client, upstream, settings.timeouts.idle).await;
+                    if let Err(error) = relay(client, upstream, settings.timeouts.idle).await {
+                        tracing::debug!(%peer, %error, "tcp relay ended with an error");
+                    }
                     drop(guard);
                     return;
                 }
@@ -88,72 +86,4 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
     local
         .metrics
         .record(shared.index, failed, 502, start.elapsed());
-}
-
-/// Copies both ways until both directions are closed, or nothing moved for `idle`.
-async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) {
-    let last = Rc::new(Cell::new(tokio::time::Instant::now()));
-    let mut a = Touch {
-        io: client,
-        last: last.clone(),
-    };
-    let mut b = Touch {
-        io: upstream,
-        last: last.clone(),
-    };
-    let quiet = async {
-        loop {
-            let due = last.get() + idle;
-            if due <= tokio::time::Instant::now() {
-                return;
-            }
-            tokio::time::sleep_until(due).await;
-        }
-    };
-    tokio::select! {
-        done = tokio::io::copy_bidirectional(&mut a, &mut b) => {
-            if let Err(error) = done {
-                tracing::debug!(%error, "tcp relay ended with an error");
-            }
-        }
-        () = quiet => tracing::debug!("tcp connection idle; closing"),
-    }
-}
-
-/// A stream that notes when bytes last arrived on it.
-struct Touch {
-    io: TcpStream,
-    last: Rc<Cell<tokio::time::Instant>>,
-}
-
-impl AsyncRead for Touch {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.last.set(tokio::time::Instant::now());
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Touch {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
 }

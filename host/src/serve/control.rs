@@ -16,7 +16,9 @@ use super::managed::{self, Instance};
 use crate::config::{Config, ListenerConfig, Managed};
 use crate::health;
 use crate::metrics::{ListenerStatus, Metrics};
-use crate::plugin::{PluginSource, PoolView, Protocol as PluginProtocol, RequestInfo, Runtime};
+use crate::plugin::{
+    PluginSource, PoolView, Protocol as PluginProtocol, RequestInfo, Runtime, Selector,
+};
 use crate::pool::Backend;
 use crate::proxy::{Event, ListenerShared, Settings};
 
@@ -48,6 +50,7 @@ impl ApiError {
 type Step<'a> = (
     &'a Arc<ListenerShared>,
     &'a ListenerConfig,
+    &'a ListenerConfig,
     Option<Arc<crate::plugin::Plugin>>,
 );
 
@@ -70,6 +73,9 @@ pub struct Control {
     config: Mutex<Config>,
     reloader: Option<Reloader>,
     managed: Mutex<Vec<Option<ManagedPool>>>,
+    /// `GET /pick`'s plugin instance per listener, kept while the plugin stays the same
+    /// (instantiating one per call would cost a lookaside client milliseconds).
+    pick_selectors: Mutex<Vec<Option<Selector>>>,
 }
 
 /// Body of `POST /backends/add`.
@@ -155,6 +161,7 @@ impl Control {
             config: Mutex::new(config),
             reloader,
             managed: Mutex::new(managed),
+            pick_selectors: Mutex::new(Vec::new()),
         }
     }
 
@@ -471,12 +478,26 @@ impl Control {
     ) -> Result<Value, ApiError> {
         let l = self.listener(listener)?;
         let plugin = l.plugin.load_full();
-        let mut selector = plugin.selector().map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("plugin {}: {e:#}", plugin.name()),
-            )
-        })?;
+        let mut selectors = self
+            .pick_selectors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if selectors.len() <= l.index {
+            selectors.resize_with(l.index + 1, || None);
+        }
+        let slot = &mut selectors[l.index];
+        if !slot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s.plugin(), &plugin))
+        {
+            *slot = Some(plugin.selector().map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("plugin {}: {e:#}", plugin.name()),
+                )
+            })?);
+        }
+        let selector = slot.as_mut().expect("set above");
         let snapshot = l.pool.snapshot();
         if snapshot.healthy_count() == 0 {
             return Err(ApiError::new(
@@ -625,9 +646,9 @@ impl Control {
             } else {
                 None
             };
-            plan.push((shared, nl, plugin));
+            plan.push((shared, ol, nl, plugin));
         }
-        for (shared, nl, plugin) in plan {
+        for (shared, ol, nl, plugin) in plan {
             if let Some(p) = plugin {
                 changes.push(format!("{}: plugin {}", nl.name, p.name()));
                 shared.plugin.store(p);
@@ -638,15 +659,24 @@ impl Control {
                 shared.pool.set_slow_start(settings.passive.slow_start);
                 shared.settings.store(Arc::new(settings));
             }
-            changes.extend(self.reconcile_backends(shared, nl));
+            changes.extend(self.reconcile_backends(shared, ol, nl));
         }
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new;
         tracing::info!(changes = ?changes, warnings = ?warnings, "configuration reloaded");
         Ok(json!({"changes": changes, "warnings": warnings}))
     }
 
-    /// Makes the static members match the file (managed ones are left alone).
-    fn reconcile_backends(&self, shared: &ListenerShared, nl: &ListenerConfig) -> Vec<String> {
+    /// Applies what changed in the file between `ol` and `nl`: backends taken out of it are
+    /// removed, backends new in it are added, changed weights and limits are set. What the
+    /// admin API changed at run time stays (as HAProxy's runtime API with a state file):
+    /// a backend added through the API is not in either file, so a reload leaves it alone.
+    /// Managed members are never touched.
+    fn reconcile_backends(
+        &self,
+        shared: &ListenerShared,
+        ol: &ListenerConfig,
+        nl: &ListenerConfig,
+    ) -> Vec<String> {
         let mut changes = Vec::new();
         let managed: Vec<SocketAddr> = self
             .managed()
@@ -654,8 +684,11 @@ impl Control {
             .and_then(Option::as_ref)
             .map(|m| m.instances.iter().map(|i| i.addr).collect())
             .unwrap_or_default();
+        let in_old = |a: SocketAddr| ol.backends.iter().any(|c| c.address == a);
         let removed = shared.pool.remove(|b| {
-            !managed.contains(&b.addr) && !nl.backends.iter().any(|c| c.address == b.addr)
+            !managed.contains(&b.addr)
+                && in_old(b.addr)
+                && !nl.backends.iter().any(|c| c.address == b.addr)
         });
         for b in removed {
             changes.push(format!("{}: removed {}", nl.name, b.addr));
@@ -672,6 +705,8 @@ impl Control {
                         touched = true;
                     }
                 }
+                // Removed through the API while still in the file: stays removed.
+                None if in_old(c.address) => {}
                 None => {
                     shared
                         .pool

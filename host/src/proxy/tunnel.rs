@@ -1,0 +1,98 @@
+//! Byte relays: a TCP-mode connection, or an HTTP connection after a protocol switch
+//! (WebSocket and the like). Both directions are copied until both are closed (a half-close
+//! is passed on), or until nothing has moved either way for the idle timeout.
+
+use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+use super::client::BackendConn;
+
+/// Relays between the client side of a protocol switch and the backend connection that
+/// switched; what the backend sent after its `101` head goes first.
+pub(super) async fn switched<C>(mut client: C, conn: BackendConn, idle: Duration) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    if !conn.buf.is_empty() {
+        client.write_all(&conn.buf).await?;
+    }
+    relay(client, conn.stream, idle).await
+}
+
+/// Copies both ways until both directions are closed, or nothing moved for `idle` (then
+/// both sides are dropped, which closes them).
+pub(super) async fn relay<A, B>(a: A, b: B, idle: Duration) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let last = Rc::new(Cell::new(tokio::time::Instant::now()));
+    let mut a = Touch {
+        io: a,
+        last: last.clone(),
+    };
+    let mut b = Touch {
+        io: b,
+        last: last.clone(),
+    };
+    let quiet = async {
+        loop {
+            let due = last.get() + idle;
+            if due <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    tokio::select! {
+        done = tokio::io::copy_bidirectional(&mut a, &mut b) => done.map(drop),
+        () = quiet => {
+            tracing::debug!(idle = ?idle, "relayed connection idle; closing");
+            Ok(())
+        }
+    }
+}
+
+/// A stream that notes when bytes last arrived on it.
+struct Touch<T> {
+    io: T,
+    last: Rc<Cell<tokio::time::Instant>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.set(tokio::time::Instant::now());
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
