@@ -1278,6 +1278,47 @@ async fn scripted_backend() -> SocketAddr {
                         "/continue" => "HTTP/1.1 100 Continue\r\n\r\n\
                                         HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
                             .into(),
+                        "/early" => {
+                            // Refuses the body without reading it, as a size limit would.
+                            let _ = w
+                                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            return;
+                        }
+                        "/echo" => {
+                            // Full duplex: each piece of the body is answered as it comes.
+                            let length: usize = head
+                                .iter()
+                                .find_map(|h| {
+                                    h.to_ascii_lowercase()
+                                        .strip_prefix("content-length: ")
+                                        .map(str::to_string)
+                                })
+                                .and_then(|v| v.trim().parse().ok())
+                                .expect("content-length");
+                            if w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            let mut left = length;
+                            let mut piece = vec![0u8; 64 * 1024];
+                            while left > 0 {
+                                let n = piece.len().min(left);
+                                if r.read_exact(&mut piece[..n]).await.is_err() {
+                                    return;
+                                }
+                                left -= n;
+                                let chunk = [format!("{n:x}\r\n").as_bytes(), &piece[..n], b"\r\n"]
+                                    .concat();
+                                if w.write_all(&chunk).await.is_err() {
+                                    return;
+                                }
+                            }
+                            "0\r\n\r\n".into()
+                        }
                         "/bad-length" => {
                             "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello".into()
                         }
@@ -1347,6 +1388,16 @@ async fn every_backend_framing_is_relayed_and_stale_connections_retried() {
         let posted = send(&c, Method::POST, format!("http://{addr}/stale"), &[], Bytes::from_static(b"x")).await;
         assert_eq!(posted.status, StatusCode::BAD_GATEWAY, "{}", posted.text());
         assert!(posted.text().contains("failed before answering"), "{}", posted.text());
+
+        // Bodies go up full duplex: an early refusal is relayed (not a 502), and an echo
+        // that answers as it reads, with far more than the socket buffers hold, finishes.
+        let big: Bytes = vec![7u8; 16 << 20].into();
+        let r = send(&c, Method::POST, format!("http://{addr}/early"), &[], big.clone()).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+        let c = client(); // the refused upload closed that connection
+        let r = send(&c, Method::POST, format!("http://{addr}/echo"), &[], big.clone()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body == big, "echo differs: {} bytes back", r.body.len());
 
         // A chunked request body of unknown length reaches the backend chunk-encoded.
         let mut s = TcpStream::connect(addr).await.expect("connect");

@@ -249,9 +249,9 @@ impl BackendBody {
     /// backend keeps it open and sent nothing beyond the body.
     fn finish(&mut self) {
         self.state = State::Done;
-        if let (Some(conn), Some(checkin)) = (self.conn.take(), self.checkin.take())
+        if let (Some(mut conn), Some(checkin)) = (self.conn.take(), self.checkin.take())
             && self.keep_alive
-            && conn.buf.is_empty()
+            && conn.reusable()
         {
             checkin.release(conn);
         }

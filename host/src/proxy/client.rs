@@ -28,8 +28,8 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use hyper::body::Incoming;
 
@@ -136,9 +136,10 @@ impl ConnPool {
         let _ = stream.set_nodelay(true);
         Ok(Conn {
             conn: BackendConn {
-                stream,
+                stream: Rc::new(stream),
                 buf: BytesMut::new(),
                 out: Vec::new(),
+                upload: None,
             },
             reused: false,
         })
@@ -176,11 +177,14 @@ impl ConnPool {
 
 /// An HTTP/1.1 connection to a backend, between exchanges or during one.
 pub(crate) struct BackendConn {
-    pub(crate) stream: TcpStream,
+    /// Shared with the task uploading a request body, while there is one.
+    pub(crate) stream: Rc<TcpStream>,
     /// Bytes read and not yet consumed (the rest of a body, after its head).
     pub(crate) buf: BytesMut,
     /// The request head being written (kept: its capacity serves the next request).
     out: Vec<u8>,
+    /// How the upload of a request body still going up alongside the response ends.
+    upload: Option<oneshot::Receiver<Result<(), SendErrorKind>>>,
 }
 
 /// How an exchange failed, and whether the request may simply be sent again.
@@ -235,10 +239,16 @@ impl BackendConn {
 
     /// Sends `parts` (already prepared for the backend) with `body`, and reads the response
     /// head. `head_only`: a HEAD request, whose response has no body whatever it says.
+    ///
+    /// A body goes up in its own task, full duplex: a backend may answer before it has read
+    /// all of it (an early 413, or an echo that streams), and must not be left blocked
+    /// writing while the proxy is blocked writing to it. The body is taken (it can be sent
+    /// once); the upload's end decides, with the response's, whether the connection is
+    /// reused.
     pub(crate) async fn send(
         &mut self,
         parts: &Parts,
-        body: &mut Incoming,
+        body: &mut Option<Incoming>,
         head_only: bool,
     ) -> Result<(http::response::Parts, Framing), SendError> {
         let fail = |kind, sent, body_used| SendError {
@@ -247,8 +257,8 @@ impl BackendConn {
             body_used,
             nothing_back: true,
         };
-        let bodyless = body.is_end_stream();
-        let length = body.size_hint().exact();
+        let bodyless = body.as_ref().is_none_or(Incoming::is_end_stream);
+        let length = body.as_ref().and_then(|b| b.size_hint().exact());
         let chunked = !bodyless && length.is_none();
         encode_head(
             &mut self.out,
@@ -256,17 +266,41 @@ impl BackendConn {
             if bodyless { None } else { length },
             chunked,
         );
-        if let Err(e) = self.stream.write_all(&self.out).await {
+        if let Err(e) = write_all(&self.stream, &self.out).await {
             return Err(fail(SendErrorKind::Io(e), true, false));
         }
-        if !bodyless {
-            self.send_body(body, chunked)
-                .await
-                .map_err(|kind| fail(kind, true, true))?;
+        self.upload = None;
+        let mut uploading = None;
+        if !bodyless && let Some(body) = body.take() {
+            let (tx, rx) = oneshot::channel();
+            let stream = self.stream.clone();
+            tokio::task::spawn_local(async move {
+                let _ = tx.send(upload(&stream, body, chunked).await);
+            });
+            uploading = Some(rx);
         }
         self.buf.clear();
         loop {
-            let (head, framing) = self.read_head(head_only).await.map_err(|(kind, read)| {
+            let head = match uploading.as_mut() {
+                None => self.read_head(head_only).await,
+                Some(rx) => {
+                    let head = self.read_head(head_only);
+                    tokio::pin!(head);
+                    tokio::select! {
+                        biased;
+                        h = &mut head => h,
+                        up = rx => match up {
+                            Ok(Ok(())) => {
+                                uploading = None;
+                                head.await
+                            }
+                            Ok(Err(kind)) => return Err(fail(kind, true, true)),
+                            Err(_) => return Err(fail(SendErrorKind::Closed, true, true)),
+                        },
+                    }
+                }
+            };
+            let (head, framing) = head.map_err(|(kind, read)| {
                 let mut e = fail(kind, true, !bodyless);
                 e.nothing_back = read == 0;
                 e
@@ -276,49 +310,23 @@ impl BackendConn {
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
                 continue;
             }
+            // Answered before all of the body went up: it goes on going up while the
+            // response comes down.
+            self.upload = uploading;
             return Ok((head, framing));
         }
     }
 
-    /// Streams the client's body to the backend, chunk-encoded when its length is unknown.
-    async fn send_body(&mut self, body: &mut Incoming, chunked: bool) -> Result<(), SendErrorKind> {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(SendErrorKind::ClientBody)?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers: an HTTP/1.1 backend gets none
-            };
-            if data.is_empty() {
-                continue;
-            }
-            if chunked {
-                let mut size = [0u8; 18];
-                let n = hex_line(&mut size, data.len());
-                self.stream
-                    .write_all(&size[..n])
-                    .await
-                    .map_err(SendErrorKind::Io)?;
-                self.stream
-                    .write_all(&data)
-                    .await
-                    .map_err(SendErrorKind::Io)?;
-                self.stream
-                    .write_all(b"\r\n")
-                    .await
-                    .map_err(SendErrorKind::Io)?;
-            } else {
-                self.stream
-                    .write_all(&data)
-                    .await
-                    .map_err(SendErrorKind::Io)?;
+    /// Whether the connection can carry another request: no upload still running or
+    /// failed, nothing unread, nobody else holding the socket.
+    pub(crate) fn reusable(&mut self) -> bool {
+        if let Some(rx) = self.upload.as_mut() {
+            match rx.try_recv() {
+                Ok(Ok(())) => self.upload = None,
+                _ => return false,
             }
         }
-        if chunked {
-            self.stream
-                .write_all(b"0\r\n\r\n")
-                .await
-                .map_err(SendErrorKind::Io)?;
-        }
-        Ok(())
+        self.buf.is_empty() && Rc::strong_count(&self.stream) == 1
     }
 
     /// Reads one response head; on error, also says how many bytes had come back.
@@ -359,6 +367,57 @@ impl BackendConn {
             }
         }
     }
+}
+
+/// Streams the client's body to the backend, chunk-encoded when its length is unknown.
+async fn upload(
+    stream: &TcpStream,
+    mut body: Incoming,
+    chunked: bool,
+) -> Result<(), SendErrorKind> {
+    let mut framed = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(SendErrorKind::ClientBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: an HTTP/1.1 backend gets none
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            // One write per chunk: size line, data and CRLF together.
+            let mut size = [0u8; 18];
+            let n = hex_line(&mut size, data.len());
+            framed.clear();
+            framed.extend_from_slice(&size[..n]);
+            framed.extend_from_slice(&data);
+            framed.extend_from_slice(b"\r\n");
+            write_all(stream, &framed)
+                .await
+                .map_err(SendErrorKind::Io)?;
+        } else {
+            write_all(stream, &data).await.map_err(SendErrorKind::Io)?;
+        }
+    }
+    if chunked {
+        write_all(stream, b"0\r\n\r\n")
+            .await
+            .map_err(SendErrorKind::Io)?;
+    }
+    Ok(())
+}
+
+/// Writes all of `data` through a shared reference (an upload task and the response
+/// reader may share the socket).
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `{len:x}\r\n` into `out`; returns its length.

@@ -263,14 +263,17 @@ impl ConnCtx {
         let client_version = req.version();
         let client_upgrade = headers::wants_upgrade(client_version, req.headers())
             .then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, mut body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let hash_key = headers::hash_key(settings.hash_key.as_ref(), &parts, self.peer.ip());
         headers::prepare_request(&mut parts, &self.client, client_upgrade.is_some());
         let head_only = parts.method == Method::HEAD;
+        // Taken by the first exchange that sends it.
+        let mut body = Some(body);
         // Sent and failed, it may go again: the head is still here (the client only
         // borrows it), and there is no body to have lost.
-        let replayable =
-            client_upgrade.is_none() && idempotent(&parts.method) && body.is_end_stream();
+        let replayable = client_upgrade.is_none()
+            && idempotent(&parts.method)
+            && body.as_ref().is_none_or(|b| b.is_end_stream());
         let attempts = settings.retry.attempts.max(1);
         local.budget.deposit(settings.retry.budget_percent);
         let passive = settings.passive.consecutive_failures;

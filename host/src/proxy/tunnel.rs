@@ -22,7 +22,10 @@ where
     if !conn.buf.is_empty() {
         client.write_all(&conn.buf).await?;
     }
-    relay(client, conn.stream, idle).await
+    // A request that switches protocols has no body, so no upload task shares the socket.
+    let stream = std::rc::Rc::try_unwrap(conn.stream)
+        .map_err(|_| io::Error::other("the request body is still being sent"))?;
+    relay(client, stream, idle).await
 }
 
 /// Copies both ways until both directions are closed, or nothing moved for `idle` (then

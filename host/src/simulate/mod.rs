@@ -49,6 +49,9 @@ pub struct SimulateArgs {
     /// Also compare this plugin component in every per-plugin experiment (repeatable).
     #[arg(long = "plugin", value_name = "FILE.wasm")]
     pub plugins: Vec<PathBuf>,
+    /// Compare only these built-in plugins (repeatable); default: all of them.
+    #[arg(long = "builtin", value_name = "NAME")]
+    pub builtins: Vec<String>,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -111,6 +114,8 @@ pub struct SimulateOptions {
     pub experiments: Vec<Experiment>,
     /// Extra plugin components compared beside the built-ins.
     pub plugins: Vec<PathBuf>,
+    /// The built-ins compared; empty = all.
+    pub builtins: Vec<String>,
     /// Draw progress bars on stderr (only when it is a terminal).
     pub progress: bool,
     /// Print the summary tables on stdout at the end.
@@ -129,6 +134,7 @@ impl SimulateOptions {
             seed: 1,
             experiments: Vec::new(),
             plugins: Vec::new(),
+            builtins: Vec::new(),
             progress: false,
             print_summary: false,
             backend_exe: None,
@@ -198,6 +204,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         seed,
         experiments: args.experiments,
         plugins: args.plugins,
+        builtins: args.builtins,
         progress: !args.no_progress,
         print_summary: true,
         backend_exe: args.backend_exe,
@@ -298,7 +305,20 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     fn new(opts: &SimulateOptions, experiments: u64) -> anyhow::Result<Self> {
+        if let Some(unknown) = opts
+            .builtins
+            .iter()
+            .find(|b| !crate::plugin::builtin::names().any(|n| n == b.as_str()))
+        {
+            anyhow::bail!(
+                "--builtin {unknown}: no such built-in plugin (built-ins: {})",
+                crate::plugin::builtin::names()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let mut plugins: Vec<PluginUnderTest> = crate::plugin::builtin::names()
+            .filter(|name| opts.builtins.is_empty() || opts.builtins.iter().any(|b| b == name))
             .map(|name| plugin_under_test(name, opts.seed))
             .collect();
         for path in &opts.plugins {
