@@ -1022,6 +1022,18 @@ fn lbwasm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lbwasm"))
 }
 
+/// Runs `lbwasm serve --config FILE`, which must fail; its stderr.
+async fn refused(config: std::path::PathBuf) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        lbwasm().args(["serve", "--config"]).arg(&config).output()
+    })
+    .await
+    .expect("join")
+    .expect("run lbwasm");
+    assert!(!out.status.success(), "lbwasm accepted the configuration");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configs_name_file_line_and_key_through_the_binary() {
     bounded(async {
@@ -1032,12 +1044,7 @@ async fn bad_configs_name_file_line_and_key_through_the_binary() {
             "[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n\n[[listener.backend]]\naddress = \"127.0.0.1:9\"\nweight = 0\n",
         )
         .expect("write");
-        let out = tokio::task::spawn_blocking(move || lbwasm().args(["serve", "--config"]).arg(&bad).output())
-            .await
-            .expect("join")
-            .expect("run lbwasm");
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(bad).await;
         assert!(stderr.contains("bad.toml:7: listener[0].backend[0].weight"), "{stderr}");
 
         // A plugin option the plugin refuses: named, and nothing is bound.
@@ -1047,12 +1054,7 @@ async fn bad_configs_name_file_line_and_key_through_the_binary() {
             "[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n[listener.plugin_options]\nbogus = 1\n[[listener.backend]]\naddress = \"127.0.0.1:9\"\n",
         )
         .expect("write");
-        let out = tokio::task::spawn_blocking(move || lbwasm().args(["serve", "--config"]).arg(&opts).output())
-            .await
-            .expect("join")
-            .expect("run lbwasm");
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(opts).await;
         assert!(stderr.contains("bogus"), "{stderr}");
         assert!(!stderr.contains("listening"), "{stderr}");
     })
