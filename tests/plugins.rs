@@ -205,16 +205,27 @@ fn random_follows_weights() {
 
 #[test]
 fn least_connections_picks_the_minimum() {
-    let pool = StaticPool::with_servers(4);
-    for (i, v) in [5, 3, 1, 4].into_iter().enumerate() {
-        pool.set_in_flight(i, v);
-    }
-    let view = pool.view();
-    for plugin in ["least_connections", "weighted_least_connections"] {
-        let mut sel = selector(plugin, &[]);
-        let mut req = RequestInfo::default();
-        for _ in 0..10 {
-            assert_eq!(pick(&mut sel, &view, &mut req), Some(2), "{plugin}");
+    // Up to 16 servers the in-flight counts arrive as `choose-loaded`'s arguments, packed
+    // two per u64; above, through the `in-flight` host call: both, at the boundary too,
+    // with the minimum in every position.
+    for n in [4usize, 15, 16, 17, 40] {
+        for min in [0, n / 2, n - 1] {
+            let pool = StaticPool::with_servers(n);
+            for i in 0..n {
+                pool.set_in_flight(i, if i == min { 1 } else { 2 + (i * 7 % 5) as u32 });
+            }
+            let view = pool.view();
+            for plugin in ["least_connections", "weighted_least_connections"] {
+                let mut sel = selector(plugin, &[]);
+                let mut req = RequestInfo::default();
+                for _ in 0..3 {
+                    assert_eq!(
+                        pick(&mut sel, &view, &mut req),
+                        Some(min),
+                        "{plugin}, {n} servers"
+                    );
+                }
+            }
         }
     }
 }

@@ -17,6 +17,10 @@ const REQUIRED: &[(&str, &str)] = &[
     ),
     ("set-servers", "func(servers: list<record>) -> ()"),
     ("choose", "func(sequence: u64) -> option<u32>"),
+    (
+        "choose-loaded",
+        "func(sequence: u64, in-flight: tuple<u64, u64, u64, u64, u64, u64, u64, u64>) -> option<u32>",
+    ),
 ];
 
 /// Interfaces lbwasm provides; every other import is linked to a trap (no capability).

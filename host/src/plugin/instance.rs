@@ -112,7 +112,25 @@ impl Instance {
             .shared
             .sequence
             .fetch_add(1, Ordering::Relaxed);
-        let result = self.bindings.call_choose(&mut self.store, sequence);
+        // Up to 16 servers, the in-flight counts go as arguments (`choose-loaded`).
+        let packed = self
+            .store
+            .data()
+            .view
+            .as_ref()
+            .filter(|v| v.len() <= 16)
+            .map(|v| {
+                let mut a = [0u32; 16];
+                v.in_flight_prefix(&mut a);
+                let p = |k: usize| u64::from(a[2 * k]) | (u64::from(a[2 * k + 1]) << 32);
+                (p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7))
+            });
+        let result = match packed {
+            Some(p) => self
+                .bindings
+                .call_choose_loaded(&mut self.store, sequence, p),
+            None => self.bindings.call_choose(&mut self.store, sequence),
+        };
         std::mem::swap(&mut self.store.data_mut().request, request);
         result
     }

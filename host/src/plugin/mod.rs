@@ -110,6 +110,12 @@ pub trait PoolView: Send + Sync {
     fn in_flight_column(&self, out: &mut Vec<u32>) {
         out.extend((0..self.len()).map(|i| self.load(i).in_flight));
     }
+    /// In-flight counts of the first `out.len()` servers (the rest of `out` untouched).
+    fn in_flight_prefix(&self, out: &mut [u32]) {
+        for (i, slot) in out.iter_mut().enumerate().take(self.len()) {
+            *slot = self.load(i).in_flight;
+        }
+    }
     /// Latency of every server, appended to `out`.
     fn latency_column(&self, out: &mut Vec<u32>) {
         out.extend((0..self.len()).map(|i| self.load(i).latency_us));

@@ -76,4 +76,9 @@ impl PoolView for StaticPool {
     fn latency_column(&self, out: &mut Vec<u32>) {
         out.extend(self.latency_us.iter().map(|a| a.load(Ordering::Relaxed)));
     }
+    fn in_flight_prefix(&self, out: &mut [u32]) {
+        for (slot, a) in out.iter_mut().zip(&self.in_flight) {
+            *slot = a.load(Ordering::Relaxed);
+        }
+    }
 }

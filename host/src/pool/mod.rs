@@ -106,6 +106,11 @@ impl PoolView for Snapshot {
     fn in_flight_column(&self, out: &mut Vec<u32>) {
         out.extend(self.backends.iter().map(|b| b.in_flight()));
     }
+    fn in_flight_prefix(&self, out: &mut [u32]) {
+        for (slot, b) in out.iter_mut().zip(&self.backends) {
+            *slot = b.in_flight();
+        }
+    }
     fn latency_column(&self, out: &mut Vec<u32>) {
         out.extend(self.backends.iter().map(|b| b.latency_us()));
     }

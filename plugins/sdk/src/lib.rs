@@ -76,7 +76,13 @@ macro_rules! export_plugin {
                     STATE.with(|s| s.borrow_mut().set_servers(servers))
                 }
                 fn choose(sequence: u64) -> Option<u32> {
-                    STATE.with(|s| s.borrow_mut().choose(sequence))
+                    STATE.with(|s| s.borrow_mut().choose(sequence, None))
+                }
+                fn choose_loaded(
+                    sequence: u64,
+                    in_flight: (u64, u64, u64, u64, u64, u64, u64, u64),
+                ) -> Option<u32> {
+                    STATE.with(|s| s.borrow_mut().choose(sequence, Some(in_flight)))
                 }
             }
             $crate::rt::bindings::__export_lbwasm_balancer!(Export with_types_in $crate::rt::bindings);

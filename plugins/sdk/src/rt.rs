@@ -53,13 +53,33 @@ impl<P: Plugin> State<P> {
         }
     }
 
-    pub fn choose(&mut self, sequence: u64) -> Option<u32> {
+    /// `packed`: the in-flight counts `choose-loaded` brings (pools of up to 16 servers).
+    pub fn choose(&mut self, sequence: u64, packed: Option<Packed>) -> Option<u32> {
         if self.plugin.is_none() {
             // The host always configures first; be safe if a custom host does not.
             self.configure(Vec::new()).ok()?;
         }
         let plugin = self.plugin.as_mut()?;
-        plugin.choose(&self.pool, &WasmHost { sequence })
+        let in_flight = packed.map(|p| {
+            let mut out = [0u32; 16];
+            for (k, v) in [p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7]
+                .into_iter()
+                .enumerate()
+            {
+                out[2 * k] = v as u32;
+                out[2 * k + 1] = (v >> 32) as u32;
+            }
+            out
+        });
+        let servers = self.pool.servers.len();
+        plugin.choose(
+            &self.pool,
+            &WasmHost {
+                sequence,
+                in_flight,
+                servers,
+            },
+        )
     }
 }
 
@@ -88,14 +108,23 @@ fn from_wit(s: types::Server) -> Server {
 /// [`Host`] over the component's imports.
 struct WasmHost {
     sequence: u64,
+    /// Brought by `choose-loaded`: then `in_flight()` needs no host call.
+    in_flight: Option<[u32; 16]>,
+    servers: usize,
 }
+
+/// `choose-loaded`'s in-flight counts, two per `u64`.
+pub type Packed = (u64, u64, u64, u64, u64, u64, u64, u64);
 
 impl Host for WasmHost {
     fn sequence(&self) -> u64 {
         self.sequence
     }
     fn in_flight(&self) -> Vec<u32> {
-        load::in_flight()
+        match &self.in_flight {
+            Some(v) => v[..self.servers.min(16)].to_vec(),
+            None => load::in_flight(),
+        }
     }
     fn latency_us(&self) -> Vec<u32> {
         load::latency_us()
