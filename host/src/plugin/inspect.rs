@@ -23,8 +23,10 @@ const REQUIRED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Interfaces lbwasm provides; every other import is linked to a trap (no capability).
+/// Interfaces lbwasm provides (package prefix and version); every other import is linked
+/// to a trap (no capability).
 const PROVIDED: &str = "lbwasm:balancer/";
+const VERSION: &str = "@0.2.0";
 
 /// Names of the world's exports that `component` lacks or exports as something else.
 pub fn missing_exports(engine: &Engine, component: &Component) -> Vec<String> {
@@ -69,8 +71,10 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
     }
     writeln!(out, "  imports:")?;
     for (n, _) in ty.imports(engine) {
-        let note = if n.starts_with(PROVIDED) {
+        let note = if n.starts_with(PROVIDED) && n.ends_with(VERSION) {
             "provided"
+        } else if n.starts_with(PROVIDED) {
+            "another version of lbwasm's interfaces: not provided (rebuild the plugin against wit/balancer.wit)"
         } else {
             "not provided: traps if called (no WASI capability is granted)"
         };
@@ -79,7 +83,7 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
     let missing = missing_exports(engine, &component);
     let fits = match runtime.pre(&component) {
         Ok(_) if missing.is_empty() => {
-            writeln!(out, "  fits the world lbwasm:balancer/balancer@0.1.0")?;
+            writeln!(out, "  fits the world lbwasm:balancer/balancer@0.2.0")?;
             // Fitting the types is not enough: start one instance as the proxy would.
             match runtime.load_bytes(name, bytes, &[]) {
                 Ok(p) => {
@@ -95,7 +99,7 @@ pub fn report(runtime: &Runtime, name: &str, bytes: &[u8]) -> anyhow::Result<(bo
         Ok(_) => {
             writeln!(
                 out,
-                "  does NOT fit lbwasm:balancer/balancer@0.1.0: {}",
+                "  does NOT fit lbwasm:balancer/balancer@0.2.0: {}",
                 missing.join("; ")
             )?;
             false

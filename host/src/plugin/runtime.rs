@@ -189,10 +189,10 @@ impl Runtime {
         BalancerPre::new(instance_pre).map_err(|e| {
             let missing = super::inspect::missing_exports(&self.inner.engine, component);
             if missing.is_empty() {
-                anyhow!("does not implement the world lbwasm:balancer/balancer@0.1.0: {e:#}")
+                anyhow!("does not implement the world lbwasm:balancer/balancer@0.2.0: {e:#}")
             } else {
                 anyhow!(
-                    "does not implement the world lbwasm:balancer/balancer@0.1.0: missing or mistyped exports: {}",
+                    "does not implement the world lbwasm:balancer/balancer@0.2.0: missing or mistyped exports: {}",
                     missing.join(", ")
                 )
             }
