@@ -350,55 +350,62 @@ async fn request_and_response_bodies_stream_both_ways() {
     .await;
 }
 
+/// A test server on 127.0.0.1 (port 0): `handle` runs in its own task for each connection.
+async fn serve_each<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handle(stream));
+        }
+    });
+    addr
+}
+
 /// A tiny backend that switches to an echo protocol on `Upgrade: echo`, and otherwise
 /// answers with the request headers it received (one `name: value` per line).
 async fn upgrade_backend() -> SocketAddr {
     use hyper::service::service_fn;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
-                    let mut res = Response::new(Full::new(Bytes::new()));
-                    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
-                        let on = hyper::upgrade::on(&mut req);
-                        tokio::spawn(async move {
-                            let Ok(up) = on.await else { return };
-                            let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
-                            let _ = tokio::io::copy(&mut r, &mut w).await;
-                            let _ = w.shutdown().await;
-                        });
-                        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                        res.headers_mut()
-                            .insert("upgrade", "echo".parse().expect("value"));
-                        res.headers_mut()
-                            .insert("connection", "upgrade".parse().expect("value"));
-                    } else {
-                        let dump: String = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
-                            .collect();
-                        *res.body_mut() = Full::new(Bytes::from(dump));
-                        res.headers_mut()
-                            .insert("x-served-by", "upgrade-backend".parse().expect("value"));
-                        res.headers_mut()
-                            .insert("keep-alive", "timeout=5".parse().expect("value"));
-                    }
-                    Ok::<_, std::convert::Infallible>(res)
+    serve_each(|stream| async move {
+        let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+            let mut res = Response::new(Full::new(Bytes::new()));
+            if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let Ok(up) = on.await else { return };
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    addr
+                *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                res.headers_mut()
+                    .insert("upgrade", "echo".parse().expect("value"));
+                res.headers_mut()
+                    .insert("connection", "upgrade".parse().expect("value"));
+            } else {
+                let dump: String = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
+                    .collect();
+                *res.body_mut() = Full::new(Bytes::from(dump));
+                res.headers_mut()
+                    .insert("x-served-by", "upgrade-backend".parse().expect("value"));
+                res.headers_mut()
+                    .insert("keep-alive", "timeout=5".parse().expect("value"));
+            }
+            Ok::<_, std::convert::Infallible>(res)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades()
+            .await;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1246,118 +1253,109 @@ async fn read_head(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<
 /// close, an interim `100 Continue`, a malformed length, a chunked request body, and a
 /// keep-alive connection closed just as the next request arrives.
 async fn scripted_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
+    serve_each(|stream| async move {
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let mut answered = 0;
+        while let Some(head) = read_head(&mut r).await {
+            let path = head[0].split(' ').nth(1).unwrap_or("").to_string();
+            if path == "/stale" && answered > 0 {
+                // Closed as the second request arrives: nothing comes back.
                 return;
-            };
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut r = BufReader::new(r);
-                let mut answered = 0;
-                while let Some(head) = read_head(&mut r).await {
-                    let path = head[0].split(' ').nth(1).unwrap_or("").to_string();
-                    if path == "/stale" && answered > 0 {
-                        // Closed as the second request arrives: nothing comes back.
-                        return;
-                    }
-                    answered += 1;
-                    let reply: String = match path.as_str() {
-                        "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
-                                       5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
-                            .into(),
-                        "/close" => {
-                            let _ = w
-                                .write_all(
-                                    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close",
-                                )
-                                .await;
-                            let _ = w.shutdown().await;
-                            return;
-                        }
-                        "/continue" => "HTTP/1.1 100 Continue\r\n\r\n\
-                                        HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
-                            .into(),
-                        "/early" => {
-                            // Refuses the body without reading it, as a size limit would.
-                            let _ = w
-                                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
-                                .await;
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            return;
-                        }
-                        "/echo" => {
-                            // Full duplex: each piece of the body is answered as it comes.
-                            let length: usize = head
-                                .iter()
-                                .find_map(|h| {
-                                    h.to_ascii_lowercase()
-                                        .strip_prefix("content-length: ")
-                                        .map(str::to_string)
-                                })
-                                .and_then(|v| v.trim().parse().ok())
-                                .expect("content-length");
-                            if w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                            let mut left = length;
-                            let mut piece = vec![0u8; 64 * 1024];
-                            while left > 0 {
-                                let n = piece.len().min(left);
-                                if r.read_exact(&mut piece[..n]).await.is_err() {
-                                    return;
-                                }
-                                left -= n;
-                                let chunk = [format!("{n:x}\r\n").as_bytes(), &piece[..n], b"\r\n"]
-                                    .concat();
-                                if w.write_all(&chunk).await.is_err() {
-                                    return;
-                                }
-                            }
-                            "0\r\n\r\n".into()
-                        }
-                        "/bad-length" => {
-                            "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello".into()
-                        }
-                        "/upload" => {
-                            // A chunked request body, decoded by hand.
-                            let chunked = head
-                                .iter()
-                                .any(|h| h.eq_ignore_ascii_case("transfer-encoding: chunked"));
-                            let mut body = Vec::new();
-                            loop {
-                                let mut size = String::new();
-                                r.read_line(&mut size).await.expect("chunk size");
-                                let n = usize::from_str_radix(size.trim(), 16).expect("hex");
-                                let mut chunk = vec![0; n + 2];
-                                r.read_exact(&mut chunk).await.expect("chunk");
-                                if n == 0 {
-                                    break;
-                                }
-                                body.extend_from_slice(&chunk[..n]);
-                            }
-                            let text =
-                                format!("chunked={chunked} {}", String::from_utf8_lossy(&body));
-                            format!(
-                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
-                                text.len()
-                            )
-                        }
-                        _ => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce".into(),
-                    };
-                    if w.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
+            }
+            answered += 1;
+            let reply: String = match path.as_str() {
+                "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                               5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+                    .into(),
+                "/close" => {
+                    let _ = w
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close",
+                        )
+                        .await;
+                    let _ = w.shutdown().await;
+                    return;
                 }
-            });
+                "/continue" => "HTTP/1.1 100 Continue\r\n\r\n\
+                                HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+                    .into(),
+                "/early" => {
+                    // Refuses the body without reading it, as a size limit would.
+                    let _ = w
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return;
+                }
+                "/echo" => {
+                    // Full duplex: each piece of the body is answered as it comes.
+                    let length: usize = head
+                        .iter()
+                        .find_map(|h| {
+                            h.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_string)
+                        })
+                        .and_then(|v| v.trim().parse().ok())
+                        .expect("content-length");
+                    if w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut left = length;
+                    let mut piece = vec![0u8; 64 * 1024];
+                    while left > 0 {
+                        let n = piece.len().min(left);
+                        if r.read_exact(&mut piece[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n;
+                        let chunk = [format!("{n:x}\r\n").as_bytes(), &piece[..n], b"\r\n"]
+                            .concat();
+                        if w.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    "0\r\n\r\n".into()
+                }
+                "/bad-length" => {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello".into()
+                }
+                "/upload" => {
+                    // A chunked request body, decoded by hand.
+                    let chunked = head
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case("transfer-encoding: chunked"));
+                    let mut body = Vec::new();
+                    loop {
+                        let mut size = String::new();
+                        r.read_line(&mut size).await.expect("chunk size");
+                        let n = usize::from_str_radix(size.trim(), 16).expect("hex");
+                        let mut chunk = vec![0; n + 2];
+                        r.read_exact(&mut chunk).await.expect("chunk");
+                        if n == 0 {
+                            break;
+                        }
+                        body.extend_from_slice(&chunk[..n]);
+                    }
+                    let text =
+                        format!("chunked={chunked} {}", String::from_utf8_lossy(&body));
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    )
+                }
+                _ => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce".into(),
+            };
+            if w.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -422,10 +422,13 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 
 /// `{len:x}\r\n` into `out`; returns its length.
 fn hex_line(out: &mut [u8; 18], len: usize) -> usize {
-    let digits = format!("{len:x}");
-    out[..digits.len()].copy_from_slice(digits.as_bytes());
-    out[digits.len()..digits.len() + 2].copy_from_slice(b"\r\n");
-    digits.len() + 2
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, d) in out[..digits].iter_mut().enumerate() {
+        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
+        *d = b"0123456789abcdef"[nibble];
+    }
+    out[digits..digits + 2].copy_from_slice(b"\r\n");
+    digits + 2
 }
 
 /// Writes the request line and headers. `length`: the body's exact length (a
@@ -588,7 +591,14 @@ mod tests {
     #[test]
     fn chunk_size_lines() {
         let mut b = [0u8; 18];
-        let n = hex_line(&mut b, 0x1f40);
-        assert_eq!(&b[..n], b"1f40\r\n");
+        for (len, line) in [
+            (0x1f40, &b"1f40\r\n"[..]),
+            (0, b"0\r\n"),
+            (1, b"1\r\n"),
+            (usize::MAX, b"ffffffffffffffff\r\n"),
+        ] {
+            let n = hex_line(&mut b, len);
+            assert_eq!(&b[..n], line);
+        }
     }
 }
