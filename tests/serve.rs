@@ -1415,3 +1415,115 @@ async fn every_backend_framing_is_relayed_and_stale_connections_retried() {
     })
     .await;
 }
+
+/// The data of a complete chunked body with no trailers; None if it is anything else.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let n = usize::from_str_radix(size, 16).ok()?;
+        if n == 0 {
+            return (rest == "\r\n").then_some(out);
+        }
+        out.push_str(rest.get(..n)?);
+        body = rest.get(n..)?.strip_prefix("\r\n")?;
+    }
+}
+
+/// Writes `raw` on a new connection to `addr` and reads until the proxy closes it.
+async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(raw).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_requests_are_framed_strictly_pipelined_and_continued() {
+    bounded(async {
+        let backend = scripted_backend().await;
+        let server = start("round_robin", &[(backend, 1)], "", "");
+        let addr = server.listen_addrs()[0];
+
+        // A request whose body could be read two ways is refused before any backend sees
+        // it, and the connection closes: what was smuggled behind it is never read.
+        for (raw, status, why) in [
+            (
+                &b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+                "400",
+                "both Transfer-Encoding and Content-Length",
+            ),
+            (
+                b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "501",
+                "other than chunked",
+            ),
+            (
+                b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                "400",
+                "conflicting Content-Length",
+            ),
+            (b"GET / HTTP/1.1\r\n\r\n", "400", "missing Host"),
+        ] {
+            let reply = raw_exchange(addr, raw).await;
+            assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{reply}");
+            assert!(reply.contains(why), "{reply}");
+            assert!(reply.contains("connection: close\r\n"), "{reply}");
+            assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
+        }
+
+        // Pipelined requests are answered in order on one connection; a chunked answer
+        // goes out chunked again (its trailers are a hop's and stay behind).
+        let reply = raw_exchange(
+            addr,
+            b"GET /chunked HTTP/1.1\r\nHost: t\r\n\r\nGET /x HTTP/1.1\r\nHost: t\r\n\r\n\
+              GET /chunked HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let answers: Vec<&str> = reply.split("HTTP/1.1 200 OK\r\n").skip(1).collect();
+        assert_eq!(answers.len(), 3, "{reply}");
+        for chunked in [answers[0], answers[2]] {
+            assert!(chunked.contains("transfer-encoding: chunked\r\n"), "{reply}");
+            let body = chunked.split_once("\r\n\r\n").expect("head").1;
+            assert_eq!(dechunk(body).as_deref(), Some("hello world"), "{reply}");
+        }
+        assert!(answers[1].ends_with("\r\n\r\nonce"), "{reply}");
+        assert!(!answers[1].contains("connection: close"), "{reply}");
+        assert!(answers[2].contains("connection: close\r\n"), "{reply}");
+
+        // HTTP/1.0 knows no chunks: the body ends with the connection.
+        let reply = raw_exchange(addr, b"GET /chunked HTTP/1.0\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+        assert!(!reply.contains("transfer-encoding"), "{reply}");
+        assert!(reply.contains("connection: close\r\n"), "{reply}");
+        assert!(reply.ends_with("\r\n\r\nhello world"), "{reply}");
+
+        // A HEAD answer keeps the length the GET would have, and has no body.
+        let reply = raw_exchange(addr, b"HEAD /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+        assert!(reply.contains("content-length: 4\r\n"), "{reply}");
+        assert!(reply.ends_with("\r\n\r\n"), "{reply}");
+
+        // `Expect: 100-continue`: the client hears `100 Continue` once the request is on its
+        // way to a backend, then sends the body, which comes back through the echo.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write head");
+        let mut interim = [0u8; 25];
+        s.read_exact(&mut interim).await.expect("interim answer");
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"hello").await.expect("write body");
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).await.expect("read");
+        assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+        let body = rest.split_once("\r\n\r\n").expect("head").1;
+        assert_eq!(dechunk(body).as_deref(), Some("hello"), "{rest}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}

@@ -1,5 +1,7 @@
 //! Bodies on both sides of the proxy, streamed frame by frame, never buffered.
 //!
+//! [`ReqBody`] is a client's request body: read by hyper (HTTP/2) or by the proxy's own
+//! HTTP/1.1 server ([`super::h1::ClientBody`]).
 //! [`ResBody`] carries what must live exactly as long as a response is being streamed: the
 //! backend's in-flight guard and the client connection's activity mark (idle timeout).
 //! [`BackendBody`] reads a backend's body straight off its connection, by the framing its
@@ -11,11 +13,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
 use http::{StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use super::client::{BackendConn, Checkin};
+use super::h1::ClientBody;
 use super::http::ActivityGuard;
 use crate::pool::InFlight;
 
@@ -34,6 +36,8 @@ pub(crate) struct ResBody {
 enum Kind {
     Backend(BackendBody),
     Text(Option<Bytes>),
+    /// A protocol switch: the backend connection, for the HTTP/1.1 server to relay to.
+    Switch(Option<BackendConn>),
 }
 
 /// Released when the response ends (or is dropped).
@@ -73,11 +77,22 @@ impl ResBody {
         }
     }
 
-    /// No body (a protocol switch).
-    pub(crate) fn empty() -> Self {
+    /// A protocol switch to `conn`: no body, the connection itself is handed over.
+    pub(crate) fn switch(conn: BackendConn, in_flight: InFlight) -> Self {
         ResBody {
-            kind: Kind::Text(None),
-            tail: Tail::default(),
+            kind: Kind::Switch(Some(conn)),
+            tail: Tail {
+                in_flight: Some(in_flight),
+                activity: None,
+            },
+        }
+    }
+
+    /// The switched backend connection, and what keeps it counted in flight.
+    pub(crate) fn take_switch(&mut self) -> Option<(BackendConn, Option<InFlight>)> {
+        match &mut self.kind {
+            Kind::Switch(conn) => Some((conn.take()?, self.tail.in_flight.take())),
+            _ => None,
         }
     }
 
@@ -90,6 +105,7 @@ impl ResBody {
         match &self.kind {
             Kind::Backend(b) => b.ended(),
             Kind::Text(t) => t.is_none(),
+            Kind::Switch(_) => true,
         }
     }
 }
@@ -108,6 +124,7 @@ impl Body for ResBody {
                 ready!(b.poll_next(cx)).map(|r| r.map(Frame::data).map_err(BoxError::from))
             }
             Kind::Text(t) => t.take().map(|b| Ok(Frame::data(b))),
+            Kind::Switch(_) => None,
         };
         match &polled {
             None | Some(Err(_)) => this.tail.release(),
@@ -125,7 +142,59 @@ impl Body for ResBody {
         match &self.kind {
             Kind::Backend(b) => b.size_hint(),
             Kind::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Switch(_) => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// A client's request body, as the upload to a backend reads it.
+pub(crate) enum ReqBody {
+    /// From an HTTP/2 stream (hyper).
+    H2(hyper::body::Incoming),
+    /// From an HTTP/1.1 connection (the proxy's own server).
+    H1(ClientBody),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ReqBody::H1(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::H2(b) => b.is_end_stream(),
+            ReqBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::H2(b) => b.size_hint(),
+            ReqBody::H1(b) => b.size_hint(),
+        }
+    }
+}
+
+impl ReqBody {
+    /// The upload is starting: an HTTP/1.1 client that waits for `100 Continue` gets it.
+    pub(crate) fn start(&mut self) {
+        if let ReqBody::H1(b) = self {
+            b.start();
+        }
+    }
+
+    /// Nothing (more) to send.
+    pub(crate) fn is_end_stream(&self) -> bool {
+        Body::is_end_stream(self)
     }
 }
 
@@ -142,23 +211,34 @@ pub(crate) enum Framing {
 }
 
 impl Framing {
-    /// The framing a response head declares. A malformed `Content-Length` is an error (a
-    /// desynchronised connection must not be reused or trusted).
+    /// The framing a response head declares (its raw headers, as parsed). A malformed
+    /// `Content-Length` is an error (a desynchronised connection must not be reused or
+    /// trusted).
     pub(crate) fn of(
         status: StatusCode,
         version: Version,
-        headers: &HeaderMap,
+        headers: &[httparse::Header<'_>],
         head_only: bool,
     ) -> Result<Framing, String> {
         let mut keep_alive = version == Version::HTTP_11;
-        for v in headers.get_all(header::CONNECTION) {
-            for token in v.to_str().unwrap_or("").split(',') {
-                let token = token.trim();
-                if token.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
+        let mut coding: Option<&[u8]> = None;
+        let mut has_length = false;
+        for h in headers {
+            if h.name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive")
+                        && version == Version::HTTP_10
+                    {
+                        keep_alive = true;
+                    }
                 }
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                coding = Some(h.value);
+            } else if h.name.eq_ignore_ascii_case("content-length") {
+                has_length = true;
             }
         }
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -171,32 +251,32 @@ impl Framing {
         {
             return Ok(Framing::Length(0, keep_alive));
         }
-        if let Some(last) = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
+        if let Some(last) = coding {
             let chunked = last
-                .to_str()
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             // With both, Transfer-Encoding wins and the connection is not reused.
-            let both = headers.contains_key(header::CONTENT_LENGTH);
             return Ok(if chunked {
-                Framing::Chunked(keep_alive && !both)
+                Framing::Chunked(keep_alive && !has_length)
             } else {
                 Framing::Close
             });
         }
         let mut length = None;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            for item in v.to_str().unwrap_or("x").split(',') {
-                let item = item.trim();
-                let n: u64 = (!item.is_empty() && item.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| item.parse().ok())
-                    .flatten()
-                    .ok_or_else(|| format!("invalid content-length {:?}", item))?;
+        for h in headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        {
+            for item in h.value.split(|&b| b == b',') {
+                let item = item.trim_ascii();
+                let n: u64 =
+                    (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(item).ok()?.parse().ok())
+                        .flatten()
+                        .ok_or_else(|| {
+                            format!("invalid content-length {:?}", String::from_utf8_lossy(item))
+                        })?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting content-length values".into());
                 }
@@ -511,15 +591,14 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let h = |pairs: &[(&str, &str)]| {
-            let mut m = HeaderMap::new();
-            for (k, v) in pairs {
-                m.append(
-                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    v.parse().unwrap(),
-                );
-            }
-            m
+        let h = |pairs: &[(&'static str, &'static str)]| -> Vec<httparse::Header<'static>> {
+            pairs
+                .iter()
+                .map(|(k, v)| httparse::Header {
+                    name: k,
+                    value: v.as_bytes(),
+                })
+                .collect()
         };
         let ok = StatusCode::OK;
         let v11 = Version::HTTP_11;

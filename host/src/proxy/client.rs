@@ -23,17 +23,17 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
-use hyper::body::Incoming;
-
-use super::body::Framing;
+use super::body::{BoxError, Framing, ReqBody};
+use super::headers::{self, MAX_HEADERS};
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
@@ -42,8 +42,6 @@ const MAX_IDLE: usize = 256;
 const IDLE_TTL: Duration = Duration::from_secs(30);
 /// The largest response head accepted (status line and headers).
 const MAX_HEAD: usize = 64 * 1024;
-/// The most response headers accepted.
-const MAX_HEADERS: usize = 128;
 /// Read buffer: one allocation per response head, grown for large heads only.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -140,6 +138,7 @@ impl ConnPool {
                 buf: BytesMut::new(),
                 out: Vec::new(),
                 upload: None,
+                upload_task: None,
             },
             reused: false,
         })
@@ -185,6 +184,18 @@ pub(crate) struct BackendConn {
     out: Vec<u8>,
     /// How the upload of a request body still going up alongside the response ends.
     upload: Option<oneshot::Receiver<Result<(), SendErrorKind>>>,
+    /// The upload's task, stopped with the connection: a backend that answered early and
+    /// stopped reading must not keep the client's body flowing into nowhere.
+    upload_task: Option<AbortOnDrop>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How an exchange failed, and whether the request may simply be sent again.
@@ -211,7 +222,7 @@ pub(crate) enum SendErrorKind {
     /// The response head is not valid HTTP/1.x.
     Invalid(String),
     /// The client's request body failed while it was being forwarded.
-    ClientBody(hyper::Error),
+    ClientBody(BoxError),
 }
 
 impl std::fmt::Display for SendError {
@@ -248,7 +259,7 @@ impl BackendConn {
     pub(crate) async fn send(
         &mut self,
         parts: &Parts,
-        body: &mut Option<Incoming>,
+        body: &mut Option<ReqBody>,
         head_only: bool,
     ) -> Result<(http::response::Parts, Framing), SendError> {
         let fail = |kind, sent, body_used| SendError {
@@ -257,7 +268,7 @@ impl BackendConn {
             body_used,
             nothing_back: true,
         };
-        let bodyless = body.as_ref().is_none_or(Incoming::is_end_stream);
+        let bodyless = body.as_ref().is_none_or(ReqBody::is_end_stream);
         let length = body.as_ref().and_then(|b| b.size_hint().exact());
         let chunked = !bodyless && length.is_none();
         encode_head(
@@ -270,13 +281,15 @@ impl BackendConn {
             return Err(fail(SendErrorKind::Io(e), true, false));
         }
         self.upload = None;
+        self.upload_task = None;
         let mut uploading = None;
-        if !bodyless && let Some(body) = body.take() {
+        if !bodyless && let Some(mut body) = body.take() {
+            body.start();
             let (tx, rx) = oneshot::channel();
             let stream = self.stream.clone();
-            tokio::task::spawn_local(async move {
+            self.upload_task = Some(AbortOnDrop(tokio::task::spawn_local(async move {
                 let _ = tx.send(upload(&stream, body, chunked).await);
-            });
+            })));
             uploading = Some(rx);
         }
         self.buf.clear();
@@ -322,7 +335,10 @@ impl BackendConn {
     pub(crate) fn reusable(&mut self) -> bool {
         if let Some(rx) = self.upload.as_mut() {
             match rx.try_recv() {
-                Ok(Ok(())) => self.upload = None,
+                Ok(Ok(())) => {
+                    self.upload = None;
+                    self.upload_task = None;
+                }
                 _ => return false,
             }
         }
@@ -370,11 +386,7 @@ impl BackendConn {
 }
 
 /// Streams the client's body to the backend, chunk-encoded when its length is unknown.
-async fn upload(
-    stream: &TcpStream,
-    mut body: Incoming,
-    chunked: bool,
-) -> Result<(), SendErrorKind> {
+async fn upload(stream: &TcpStream, mut body: ReqBody, chunked: bool) -> Result<(), SendErrorKind> {
     let mut framed = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(SendErrorKind::ClientBody)?;
@@ -421,7 +433,7 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 }
 
 /// `{len:x}\r\n` into `out`; returns its length.
-fn hex_line(out: &mut [u8; 18], len: usize) -> usize {
+pub(crate) fn hex_line(out: &mut [u8; 18], len: usize) -> usize {
     let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
     for (i, d) in out[..digits].iter_mut().enumerate() {
         let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
@@ -433,8 +445,8 @@ fn hex_line(out: &mut [u8; 18], len: usize) -> usize {
 
 /// Writes the request line and headers. `length`: the body's exact length (a
 /// `Content-Length` is written for it, replacing the client's); `chunked`: the body is sent
-/// chunk-encoded. `Expect` is left out: the proxy reads the client's body itself (hyper
-/// answers `100 Continue` to the client when it does).
+/// chunk-encoded. `Expect` is left out: the proxy reads the client's body itself, and
+/// answers `100 Continue` to the client when it starts to.
 fn encode_head(out: &mut Vec<u8>, parts: &Parts, length: Option<u64>, chunked: bool) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -494,35 +506,14 @@ fn parse_head(
     } else {
         Version::HTTP_11
     };
-    // Where each name and value lies in the buffer, so that both can be cut from it once
-    // it is frozen (no allocation for the spans).
-    let base = buf.as_ptr() as usize;
-    let count = res.headers.len();
+    // Framing and hop-by-hop headers from the raw head, in one pass: the map then never
+    // holds what would only be removed again.
+    let framing = Framing::of(status, version, res.headers, head_only)?;
+    let hop = headers::HopByHop::of(res.headers, status == StatusCode::SWITCHING_PROTOCOLS);
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-        let name = (h.name.as_ptr() as usize - base) as u32;
-        let value = (h.value.as_ptr() as usize - base) as u32;
-        *span = (
-            name,
-            name + h.name.len() as u32,
-            value,
-            value + h.value.len() as u32,
-        );
-    }
+    let count = headers::spans(buf.as_ptr(), res.headers, &mut spans);
     let head: Bytes = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| {
-            format!(
-                "header name {:?}",
-                String::from_utf8_lossy(&head[ns as usize..ne as usize])
-            )
-        })?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| format!("value of header {name}"))?;
-        map.append(name, value);
-    }
-    let framing = Framing::of(status, version, &map, head_only)?;
+    let map = headers::header_map(&head, &spans[..count], &hop)?;
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;

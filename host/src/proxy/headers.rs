@@ -56,15 +56,6 @@ pub(crate) fn wants_upgrade(version: Version, headers: &HeaderMap) -> bool {
         && connection_has(headers, "upgrade")
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`. With `keep_upgrade` (a protocol
 /// switch being passed through) `Upgrade` stays and `Connection: upgrade` is set again.
@@ -124,6 +115,115 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade {
         headers.insert(header::CONNECTION, UPGRADE);
     }
+}
+
+/// The most headers a request or response head may have.
+pub(crate) const MAX_HEADERS: usize = 128;
+
+/// Where one header's name and value lie in a head's buffer.
+pub(crate) type Span = (u32, u32, u32, u32);
+
+/// Records where `parsed`'s names and values lie relative to `base` (the start of the
+/// buffer they were parsed from), so that both can be cut from that buffer once frozen:
+/// no copy, and no allocation for the spans. Returns how many there are.
+pub(crate) fn spans(base: *const u8, parsed: &[httparse::Header<'_>], out: &mut [Span]) -> usize {
+    let base = base as usize;
+    for (span, h) in out.iter_mut().zip(parsed) {
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        *span = (
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        );
+    }
+    parsed.len().min(out.len())
+}
+
+/// The header map of a head whose headers are at `spans` in `head`, less those `skip`
+/// marks; values share the head's buffer.
+pub(crate) fn header_map(
+    head: &bytes::Bytes,
+    spans: &[Span],
+    skip: &HopByHop,
+) -> Result<HeaderMap, String> {
+    // Room for the forwarding headers a request gets, so that adding them does not grow it.
+    let mut map = HeaderMap::with_capacity(spans.len() + 3);
+    for (i, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
+        if skip.0 & (1 << i) != 0 {
+            continue;
+        }
+        let raw = &head[ns as usize..ne as usize];
+        let name = HeaderName::from_bytes(raw)
+            .map_err(|_| format!("header name {:?}", String::from_utf8_lossy(raw)))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| format!("value of header {name}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Which headers of a parsed head (by position, up to [`MAX_HEADERS`]) are hop-by-hop: the
+/// same set [`strip_hop_by_hop`] removes from a map, found before the map is built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HopByHop(u128);
+
+impl HopByHop {
+    /// Marks the hop-by-hop headers of `parsed`; with `keep_upgrade` (a protocol switch)
+    /// `Upgrade` is kept (`Connection` is not: the proxy sets its own).
+    pub(crate) fn of(parsed: &[httparse::Header<'_>], keep_upgrade: bool) -> Self {
+        const FIXED: [&str; 5] = [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+        ];
+        let listed = |name: &str| {
+            parsed
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|h| h.value.split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .any(|t| {
+                    t.eq_ignore_ascii_case(name.as_bytes()) && !t.eq_ignore_ascii_case(b"host")
+                })
+        };
+        let mut bits = 0u128;
+        let mut has_connection = false;
+        for (i, h) in parsed.iter().enumerate().take(MAX_HEADERS) {
+            let n = h.name;
+            has_connection |= n.eq_ignore_ascii_case("connection");
+            let hop = FIXED.iter().any(|f| n.eq_ignore_ascii_case(f))
+                || (!keep_upgrade && n.eq_ignore_ascii_case("upgrade"))
+                || n.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("proxy-"));
+            if hop {
+                bits |= 1 << i;
+            }
+        }
+        if has_connection {
+            for (i, h) in parsed.iter().enumerate().take(MAX_HEADERS) {
+                if bits & (1 << i) == 0
+                    && !(keep_upgrade && h.name.eq_ignore_ascii_case("upgrade"))
+                    && listed(h.name)
+                {
+                    bits |= 1 << i;
+                }
+            }
+        }
+        HopByHop(bits)
+    }
+}
+
+/// Whether a `Connection` header lists `token`.
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The `X-Forwarded-For` value this proxy adds for a client (computed once per connection).
@@ -244,6 +344,39 @@ mod tests {
             vec!["x-kept", "x-forwarded-for", "x-forwarded-proto", "via"]
         );
         assert_eq!(p.headers["via"], "1.1 lbwasm");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_found_in_a_parsed_head() {
+        let raw = [
+            ("Connection", "keep-alive, X-Secret, Host"),
+            ("Keep-Alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("Host", "a"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Authenticate", "basic"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Kept", "1"),
+        ];
+        let parsed: Vec<httparse::Header<'_>> = raw
+            .iter()
+            .map(|(n, v)| httparse::Header {
+                name: n,
+                value: v.as_bytes(),
+            })
+            .collect();
+        let kept = |skip: HopByHop| -> Vec<&str> {
+            (0..raw.len())
+                .filter(|i| skip.0 & (1 << i) == 0)
+                .map(|i| raw[i].0)
+                .collect()
+        };
+        assert_eq!(kept(HopByHop::of(&parsed, false)), ["Host", "X-Kept"]);
+        assert_eq!(
+            kept(HopByHop::of(&parsed, true)),
+            ["Host", "Upgrade", "X-Kept"]
+        );
+        assert_eq!(HopByHop::of(&parsed[3..4], false), HopByHop::default());
     }
 
     #[test]

@@ -17,52 +17,23 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::body::{BackendBody, Framing, ResBody};
+use super::body::{BackendBody, Framing, ReqBody, ResBody};
 use super::client::{BackendConn, ConnectError, SendError};
 use super::worker::{Drain, LocalListener, NoBackend, Tried};
-use super::{headers, tunnel};
+use super::{h1, headers};
 use crate::plugin::{Protocol, RequestInfo};
 use crate::pool::InFlight;
 
 const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
-/// Runs a hyper server connection (HTTP/1 or HTTP/2: same methods, no common trait),
-/// closing it gracefully when idle or when the worker drains; evaluates to its result.
-macro_rules! drive {
-    ($conn:expr, $activity:expr, $idle:expr, $drain:expr) => {{
-        let conn = $conn;
-        tokio::pin!(conn);
-        let expired = $activity.expired($idle);
-        tokio::pin!(expired);
-        let draining = $drain.started();
-        tokio::pin!(draining);
-        let mut closing = false;
-        loop {
-            tokio::select! {
-                biased;
-                done = conn.as_mut() => break done,
-                () = &mut expired, if !closing => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                () = &mut draining, if !closing => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-        }
-    }};
-}
-
 /// Serves one client connection until it closes, goes idle for `timeouts.idle`, or the
 /// worker drains (then in-flight requests finish and the connection closes gracefully).
+/// HTTP/1.1 is the proxy's own server ([`super::h1`]); HTTP/2 (prior knowledge) is hyper's.
 pub(super) async fn serve(
     local: Rc<LocalListener>,
     stream: TcpStream,
@@ -77,28 +48,49 @@ pub(super) async fn serve(
         },
         () = drain.started() => return,
     };
-    let activity = Rc::new(Activity::new());
     let client = headers::client_value(peer.ip());
     let ctx = Rc::new(ConnCtx {
         local: local.clone(),
         peer,
         client,
-        activity: activity.clone(),
     });
-    let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
-    });
-    let io = TokioIo::new(stream);
-    let done = if h2 {
-        drive!(local.h2.serve_connection(io, svc), activity, idle, drain)
-    } else {
-        drive!(
-            local.h1.serve_connection(io, svc).with_upgrades(),
-            activity,
-            idle,
-            drain
-        )
+    if !h2 {
+        return h1::serve(ctx, stream, drain, idle).await;
+    }
+    let activity = Rc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            let busy = activity.begin();
+            async move {
+                let (parts, body) = req.into_parts();
+                let mut res = ctx.exchange(parts, Some(ReqBody::H2(body)), false).await;
+                res.body_mut().attach(busy);
+                Ok::<_, Infallible>(res)
+            }
+        })
+    };
+    let conn = local.h2.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let expired = activity.expired(idle);
+    tokio::pin!(expired);
+    let draining = drain.started();
+    tokio::pin!(draining);
+    let mut closing = false;
+    let done = loop {
+        tokio::select! {
+            biased;
+            done = conn.as_mut() => break done,
+            () = &mut expired, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut draining, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
     };
     if let Err(error) = done {
         tracing::debug!(listener = %local.shared.name, %peer, %error, "client connection ended with an error");
@@ -122,8 +114,8 @@ async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
     }
 }
 
-/// Requests in progress on a client connection, and when the last one ended: what the idle
-/// timeout looks at.
+/// Requests in progress on an HTTP/2 client connection, and when the last one ended: what
+/// the idle timeout looks at.
 pub(super) struct Activity {
     active: Cell<u32>,
     last: Cell<tokio::time::Instant>,
@@ -169,12 +161,12 @@ impl Activity {
     }
 }
 
-struct ConnCtx {
+/// One client connection, as its requests are forwarded.
+pub(super) struct ConnCtx {
     local: Rc<LocalListener>,
     peer: SocketAddr,
     /// The client's address as an `X-Forwarded-For` element.
     client: HeaderValue,
-    activity: Rc<Activity>,
 }
 
 /// Why an attempt failed.
@@ -201,7 +193,7 @@ impl Failure {
     }
 
     fn response(&self) -> Response<ResBody> {
-        text(self.status(), self.to_string())
+        ConnCtx::text(self.status(), self.to_string())
     }
 }
 
@@ -218,14 +210,6 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// The proxy's own answer: `<code> <cause>` on one line.
-fn text(status: StatusCode, cause: String) -> Response<ResBody> {
-    let mut res = Response::new(ResBody::text(format!("{} {cause}\n", status.as_u16())));
-    *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, TEXT);
-    res
-}
-
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -234,10 +218,30 @@ fn idempotent(m: &Method) -> bool {
 }
 
 impl ConnCtx {
-    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<ResBody> {
-        let activity = self.activity.begin();
+    /// The proxy's own answer: `<code> <cause>` on one line.
+    pub(super) fn text(status: StatusCode, cause: String) -> Response<ResBody> {
+        let mut res = Response::new(ResBody::text(format!("{} {cause}\n", status.as_u16())));
+        *res.status_mut() = status;
+        res.headers_mut().insert(header::CONTENT_TYPE, TEXT);
+        res
+    }
+
+    /// The client's address.
+    pub(super) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// One request, forwarded, and recorded in the metrics. `upgrade`: the client asks to
+    /// switch protocols (HTTP/1.1 only); a `101` answer then carries the backend
+    /// connection in its body ([`ResBody::take_switch`]).
+    pub(super) async fn exchange(
+        &self,
+        parts: http::request::Parts,
+        body: Option<ReqBody>,
+        upgrade: bool,
+    ) -> Response<ResBody> {
         let start = Instant::now();
-        let (mut res, backend, answered) = self.forward(req, start).await;
+        let (res, backend, answered) = self.forward(parts, body, upgrade, start).await;
         let local = &self.local;
         let done = answered.unwrap_or_else(Instant::now);
         local.metrics.record(
@@ -246,7 +250,6 @@ impl ConnCtx {
             res.status().as_u16(),
             done.saturating_duration_since(start),
         );
-        res.body_mut().attach(activity);
         res
     }
 
@@ -254,26 +257,24 @@ impl ConnCtx {
     /// last, and when the response head arrived (none for the proxy's own answers).
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        mut body: Option<ReqBody>,
+        upgrade: bool,
         arrived: Instant,
     ) -> (Response<ResBody>, Option<SocketAddr>, Option<Instant>) {
         let local = &self.local;
         let shared = &local.shared;
         let (view, settings) = local.state();
-        let client_version = req.version();
-        let client_upgrade = headers::wants_upgrade(client_version, req.headers())
-            .then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
+        let client_version = parts.version;
         let hash_key = headers::hash_key(settings.hash_key.as_ref(), &parts, self.peer.ip());
-        headers::prepare_request(&mut parts, &self.client, client_upgrade.is_some());
+        headers::prepare_request(&mut parts, &self.client, upgrade);
         let head_only = parts.method == Method::HEAD;
-        // Taken by the first exchange that sends it.
-        let mut body = Some(body);
-        // Sent and failed, it may go again: the head is still here (the client only
-        // borrows it), and there is no body to have lost.
-        let replayable = client_upgrade.is_none()
+        // `body` is taken by the first exchange that sends it. Sent and failed, the request
+        // may go again: the head is still here (the client only borrows it), and there is
+        // no body to have lost.
+        let replayable = !upgrade
             && idempotent(&parts.method)
-            && body.as_ref().is_none_or(|b| b.is_end_stream());
+            && body.as_ref().is_none_or(ReqBody::is_end_stream);
         let attempts = settings.retry.attempts.max(1);
         local.budget.deposit(settings.retry.budget_percent);
         let passive = settings.passive.consecutive_failures;
@@ -312,7 +313,7 @@ impl ConnCtx {
                 Ok(i) => i,
                 Err(why) if attempt == 0 => {
                     return (
-                        text(StatusCode::SERVICE_UNAVAILABLE, why.message(local)),
+                        ConnCtx::text(StatusCode::SERVICE_UNAVAILABLE, why.message(local)),
                         None,
                         None,
                     );
@@ -374,7 +375,7 @@ impl ConnCtx {
                             guard,
                             backend.id,
                             client_version,
-                            client_upgrade,
+                            upgrade,
                         );
                         return (res, Some(backend.addr), Some(at));
                     }
@@ -406,7 +407,7 @@ impl ConnCtx {
         match last {
             Some(f) => (f.response(), Some(f.backend()), None),
             None => (
-                text(
+                ConnCtx::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     NoBackend::Healthy.message(local),
                 ),
@@ -416,7 +417,8 @@ impl ConnCtx {
         }
     }
 
-    /// The backend's response, fit for the client; a protocol switch becomes a tunnel.
+    /// The backend's response, fit for the client; a protocol switch the client asked for
+    /// hands the backend connection over in the body.
     #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
@@ -426,51 +428,35 @@ impl ConnCtx {
         guard: InFlight,
         backend: u32,
         client_version: Version,
-        client_upgrade: Option<OnUpgrade>,
+        upgrade: bool,
     ) -> Response<ResBody> {
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let tunnel = match client_upgrade {
-            Some(client) if switching => Some(client),
-            _ => None,
-        };
-        headers::strip_hop_by_hop(&mut parts.headers, tunnel.is_some());
+        if switching && !upgrade {
+            // A switch nobody asked for: the connection now speaks something else.
+            drop(conn);
+            return ConnCtx::text(
+                StatusCode::BAD_GATEWAY,
+                "backend switched protocols unasked".into(),
+            );
+        }
+        // Hop-by-hop headers were left out as the head was parsed (Upgrade kept for a switch).
+        if switching {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         parts.version = if client_version == Version::HTTP_2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        let body = match tunnel {
-            Some(client) => {
-                let peer = self.peer;
-                let idle = self.local.state().1.timeouts.idle;
-                tokio::task::spawn_local(async move {
-                    let _guard = guard; // in flight for the tunnel's life
-                    match client.await {
-                        Ok(c) => {
-                            if let Err(error) = tunnel::switched(TokioIo::new(c), conn, idle).await
-                            {
-                                tracing::debug!(%peer, %error, "upgraded connection ended with an error");
-                            }
-                        }
-                        Err(error) => {
-                            tracing::debug!(%peer, %error, "protocol switch failed");
-                        }
-                    }
-                });
-                ResBody::empty()
-            }
-            None if switching => {
-                // A switch nobody asked for: the connection now speaks something else.
-                drop(conn);
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    "backend switched protocols unasked".into(),
-                );
-            }
-            None => ResBody::backend(
+        let body = if switching {
+            ResBody::switch(conn, guard)
+        } else {
+            ResBody::backend(
                 BackendBody::new(conn, framing, self.local.conns.checkin(backend)),
                 guard,
-            ),
+            )
         };
         Response::from_parts(parts, body)
     }

@@ -3,7 +3,7 @@
 //! Worker model (NGINX/HAProxy style, to share nothing per request): N worker threads, each
 //! a tokio current-thread runtime with a `LocalSet`, its own `SO_REUSEPORT` socket per
 //! listener, its own plugin [`Selector`](crate::plugin::Selector) per listener, its own
-//! keep-alive connections to the backends (hyper's low-level `client::conn::http1`), its
+//! keep-alive connections to the backends (its own HTTP/1.1 client), its
 //! own retry budget and metrics shard. What workers share is read-mostly: the pool snapshot,
 //! the plugin and the settings, each behind an `ArcSwap` that a worker caches and re-reads
 //! only when its pointer changes — which is how a plugin swap or a reload reaches them on
@@ -11,7 +11,8 @@
 //! [`crate::pool`] (in-flight, latency) are the only per-request shared writes.
 //!
 //! - [`worker`]: threads, accept loops, drain on shutdown.
-//! - [`http`]: HTTP/1.1 and h2c from clients, forwarding, retries, upgrades.
+//! - [`http`]: client connections (HTTP/2 through hyper), forwarding, retries.
+//! - [`h1`]: the proxy's own HTTP/1.1 server: request framing, responses, upgrades.
 //! - [`tcp`]: per-connection balancing of raw TCP.
 //! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
 //! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
@@ -23,6 +24,7 @@
 mod body;
 mod budget;
 mod client;
+mod h1;
 mod headers;
 mod http;
 mod tcp;

@@ -9,22 +9,30 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::client::BackendConn;
 
-/// Relays between the client side of a protocol switch and the backend connection that
-/// switched; what the backend sent after its `101` head goes first.
-pub(super) async fn switched<C>(mut client: C, conn: BackendConn, idle: Duration) -> io::Result<()>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+/// Relays between a client connection that switched protocols and the backend connection
+/// that switched: first what each side sent beyond the switch (`early`, the client's bytes
+/// after its request head; the backend's after its `101` head).
+pub(super) async fn switched(
+    mut client: TcpStream,
+    early: Bytes,
+    conn: BackendConn,
+    idle: Duration,
+) -> io::Result<()> {
     if !conn.buf.is_empty() {
         client.write_all(&conn.buf).await?;
     }
     // A request that switches protocols has no body, so no upload task shares the socket.
-    let stream = std::rc::Rc::try_unwrap(conn.stream)
+    let mut stream = std::rc::Rc::try_unwrap(conn.stream)
         .map_err(|_| io::Error::other("the request body is still being sent"))?;
+    if !early.is_empty() {
+        stream.write_all(&early).await?;
+    }
     relay(client, stream, idle).await
 }
 

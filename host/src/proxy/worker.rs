@@ -263,6 +263,11 @@ impl Drain {
         self.started.notify_waiters();
     }
 
+    /// Whether the worker is draining.
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
     /// Resolves once the worker is draining.
     pub(super) async fn started(&self) {
         loop {
@@ -370,7 +375,6 @@ pub(super) struct LocalListener {
     pub(super) metrics: Arc<WorkerShard>,
     pub(super) conns: Rc<ConnPool>,
     pub(super) budget: RetryBudget,
-    pub(super) h1: hyper::server::conn::http1::Builder,
     pub(super) h2: hyper::server::conn::http2::Builder<LocalExec>,
     snapshots: RefCell<CacheOf<Snapshot>>,
     view: RefCell<Rc<LocalView>>,
@@ -383,11 +387,6 @@ pub(super) struct LocalListener {
 
 impl LocalListener {
     fn new(shared: Arc<ListenerShared>, metrics: Arc<WorkerShard>, conns: Rc<ConnPool>) -> Self {
-        let mut h1 = hyper::server::conn::http1::Builder::new();
-        // The idle timeout is ours (no timer per request); see http::Activity. Heads and
-        // small bodies are copied into one buffer and sent with one write (measured:
-        // cheaper than writev's queue for proxied responses).
-        h1.keep_alive(true).header_read_timeout(None).writev(false);
         let h2 = hyper::server::conn::http2::Builder::new(LocalExec);
         let snapshot = shared.pool.snapshot();
         let settings = shared.settings.load_full();
@@ -395,7 +394,6 @@ impl LocalListener {
             metrics,
             conns,
             budget: RetryBudget::new(),
-            h1,
             h2,
             snapshots: RefCell::new(Cache::new(shared.pool.cell().clone())),
             view: RefCell::new(Rc::new(LocalView::new(snapshot))),

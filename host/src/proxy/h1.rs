@@ -1,0 +1,882 @@
+//! HTTP/1.1 from clients, served by the proxy itself (HTTP/2 stays with hyper).
+//!
+//! Pingora's and NGINX's shape rather than a general server library's: the connection's own
+//! task reads a request head, asks [`ConnCtx::exchange`] for the response, writes it with
+//! its body and reads the next head; no dispatcher, no channel, no timer per request (the
+//! idle timeout is one sleep per connection, re-armed only when it fires). A request body
+//! is read off the same socket by the upload to the backend ([`ClientBody`]), full duplex.
+//!
+//! Request framing is strict, because a proxy that reads a body differently from the
+//! backend behind it lets one request hide inside another (request smuggling, RFC 9112
+//! §11.2): `Transfer-Encoding` together with `Content-Length` is refused, a transfer coding
+//! other than exactly `chunked` is refused (501), so is one in an HTTP/1.0 request, and so
+//! are differing or malformed `Content-Length` values; HTTP/1.1 requests need exactly one
+//! `Host`. The body goes to the backend re-framed by the proxy, never as the client framed it.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use tokio::net::TcpStream;
+
+use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody, ResBody};
+use super::headers::{self, MAX_HEADERS};
+use super::http::ConnCtx;
+use super::tunnel;
+use super::worker::Drain;
+
+/// The largest request head accepted (request line and headers): 431 beyond.
+const MAX_HEAD: usize = 64 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+/// Response bytes gathered before a write (head and small bodies go out in one).
+const WRITE_BATCH: usize = 64 * 1024;
+/// How long a connection closed with an unread request body is drained first, so that
+/// the client reads the response rather than a reset (NGINX's lingering close).
+const LINGER: Duration = Duration::from_secs(2);
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// A client connection as its requests and bodies share it.
+pub(crate) struct ClientIo {
+    stream: TcpStream,
+    /// Bytes read and not yet consumed: the next head, body bytes, pipelined requests.
+    buf: RefCell<BytesMut>,
+    /// The current request's body has been read to its end (or it had none).
+    body_done: Cell<bool>,
+    /// The current request's final response head has been (or is being) written: too late
+    /// for a `100 Continue`.
+    responded: Cell<bool>,
+}
+
+/// How a request's body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyFraming {
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head and what the connection needs to know about it.
+struct Head {
+    parts: Parts,
+    body: Option<BodyFraming>,
+    /// The client keeps the connection open after this exchange.
+    keep_alive: bool,
+    /// The client waits for `100 Continue` before sending its body.
+    expect_continue: bool,
+    /// The client asks to switch protocols.
+    upgrade: bool,
+}
+
+/// Why a request is refused before it is forwarded.
+#[derive(Debug, PartialEq, Eq)]
+struct Reject(StatusCode, String);
+
+fn reject(status: StatusCode, why: impl Into<String>) -> Reject {
+    Reject(status, why.into())
+}
+
+/// Serves HTTP/1.1 on `stream` until the client closes, stays silent for `idle` between
+/// requests, or the worker drains (the exchange in progress finishes first).
+pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>, idle: Duration) {
+    let io = Rc::new(ClientIo {
+        stream,
+        buf: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
+        body_done: Cell::new(true),
+        responded: Cell::new(false),
+    });
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    // One timer for the connection's life: re-armed only when it fires early.
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let head = match next_head(&io, &drain, timer.as_mut(), &mut last, idle).await {
+            Next::Head(h) => h,
+            Next::Closed => return,
+            Next::Reject(Reject(status, why)) => {
+                tracing::debug!(peer = %ctx.peer(), %status, %why, "refused a request");
+                let res = ConnCtx::text(status, why);
+                let _ = write_response(&io, &mut out, res, false, Version::HTTP_11, true).await;
+                linger(&io).await;
+                return;
+            }
+        };
+        let Head {
+            parts,
+            body,
+            keep_alive,
+            expect_continue,
+            upgrade,
+        } = head;
+        let head_only = parts.method == Method::HEAD;
+        let version = parts.version;
+        io.responded.set(false);
+        io.body_done.set(body.is_none());
+        let body = body.map(|framing| {
+            ReqBody::H1(ClientBody {
+                io: io.clone(),
+                state: match framing {
+                    BodyFraming::Length(n) => ClientState::Length(n),
+                    BodyFraming::Chunked => ClientState::Chunked(ChunkDecoder::default()),
+                },
+                continue_left: if expect_continue { CONTINUE.len() } else { 0 },
+            })
+        });
+        let mut res = ctx.exchange(parts, body, upgrade).await;
+        io.responded.set(true);
+        if let Some((conn, in_flight)) = res.body_mut().take_switch() {
+            // 101: the head goes out as the backend sent it, then bytes both ways.
+            if write_response(&io, &mut out, res, true, version, false)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _in_flight = in_flight; // counted for the tunnel's life
+            let early = io.buf.borrow_mut().split().freeze();
+            let Ok(io) = Rc::try_unwrap(io) else { return };
+            if let Err(error) = tunnel::switched(io.stream, early, conn, idle).await {
+                tracing::debug!(peer = %ctx.peer(), %error, "upgraded connection ended with an error");
+            }
+            return;
+        }
+        let close = !keep_alive || drain.is_draining();
+        let clean = write_response(&io, &mut out, res, head_only, version, close).await;
+        last = tokio::time::Instant::now();
+        match clean {
+            Ok(true) if !close && io.body_done.get() => {}
+            Ok(_) if !io.body_done.get() => {
+                // Where the next request starts is unknown: drain a little, then close.
+                linger(&io).await;
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
+// Not boxed: a head is moved once per request, and boxing it would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// A request head, complete.
+    Head(Head),
+    /// Closed by the client, idle for too long, or the worker drains.
+    Closed,
+    Reject(Reject),
+}
+
+/// Reads the next request head. Between requests, gives up at the idle timeout or when the
+/// worker drains; a head begun must be complete within the idle timeout (408).
+async fn next_head(
+    io: &ClientIo,
+    drain: &Drain,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    last: &mut tokio::time::Instant,
+    idle: Duration,
+) -> Next {
+    loop {
+        let between = {
+            let mut buf = io.buf.borrow_mut();
+            if !buf.is_empty() {
+                match parse_request(&mut buf) {
+                    Ok(Some(head)) => return Next::Head(head),
+                    Ok(None) if buf.len() >= MAX_HEAD => {
+                        return Next::Reject(reject(
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            format!("request head larger than {} KiB", MAX_HEAD / 1024),
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(r) => return Next::Reject(r),
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_CHUNK);
+            }
+            buf.is_empty()
+        };
+        if between && drain.is_draining() {
+            return Next::Closed;
+        }
+        tokio::select! {
+            biased;
+            ready = io.stream.readable() => {
+                if ready.is_err() {
+                    return Next::Closed;
+                }
+            }
+            () = drain.started(), if between => return Next::Closed,
+            () = &mut timer => {
+                let due = *last + idle;
+                if due <= tokio::time::Instant::now() {
+                    if !between {
+                        return Next::Reject(reject(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!("request head not complete within {idle:?}"),
+                        ));
+                    }
+                    return Next::Closed;
+                }
+                timer.as_mut().reset(due);
+                continue;
+            }
+        }
+        match io.stream.try_read_buf(&mut *io.buf.borrow_mut()) {
+            Ok(0) => return Next::Closed,
+            // A head has the idle timeout to arrive whole, from its first byte: a client
+            // trickling one byte at a time cannot hold the connection forever.
+            Ok(_) if between => *last = tokio::time::Instant::now(),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Next::Closed,
+        }
+    }
+}
+
+/// Parses a request head off the front of `buf` (None: incomplete). Header values share
+/// the head's buffer; what follows (body, next requests) stays in `buf`.
+fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, Reject> {
+    // Uninitialised: a 4 KiB memset per request would show in profiles.
+    let mut parsed = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut parsed,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(reject(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("more than {MAX_HEADERS} request headers"),
+            ));
+        }
+        Err(httparse::Error::Version) => {
+            return Err(reject(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "only HTTP/1.0 and HTTP/1.1 are served in this form",
+            ));
+        }
+        Err(e) => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request: {e}"),
+            ));
+        }
+    };
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid method"))?;
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let path = req.path.unwrap_or("");
+    let base = buf.as_ptr() as usize;
+    let path_span = (path.as_ptr() as usize - base, path.len());
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = headers::spans(buf.as_ptr(), req.headers, &mut spans);
+    let head = buf.split_to(len).freeze();
+    let headers = headers::header_map(&head, &spans[..count], &headers::HopByHop::default())
+        .map_err(|why| reject(StatusCode::BAD_REQUEST, format!("invalid {why}")))?;
+    let uri = Uri::from_maybe_shared(head.slice(path_span.0..path_span.0 + path_span.1))
+        .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid request target"))?;
+    if method == Method::CONNECT {
+        return Err(reject(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served by a reverse proxy",
+        ));
+    }
+    let body = framing(version, &headers)?;
+    if version == Version::HTTP_11 {
+        let mut hosts = headers.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(_), None) => {}
+            (None, _) => return Err(reject(StatusCode::BAD_REQUEST, "missing Host header")),
+            (Some(_), Some(_)) => {
+                return Err(reject(StatusCode::BAD_REQUEST, "more than one Host header"));
+            }
+        }
+    }
+    let keep_alive = if version == Version::HTTP_11 {
+        !headers::connection_has(&headers, "close")
+    } else {
+        headers::connection_has(&headers, "keep-alive")
+    };
+    let expect_continue = version == Version::HTTP_11
+        && body.is_some()
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // A switch needs the connection free of a body.
+    let upgrade = body.is_none() && headers::wants_upgrade(version, &headers);
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head {
+        parts,
+        body,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3); refuses what could be read two ways.
+fn framing(version: Version, headers: &HeaderMap) -> Result<Option<BodyFraming>, Reject> {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() {
+        if version == Version::HTTP_10 {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        let mut list = codings
+            .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        return match (list.next(), list.next()) {
+            (Some(c), None) if c.eq_ignore_ascii_case("chunked") => Ok(Some(BodyFraming::Chunked)),
+            _ => Err(reject(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported",
+            )),
+        };
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for item in v.to_str().unwrap_or("x").split(',') {
+            let item = item.trim();
+            let n: u64 =
+                (!item.is_empty() && item.len() <= 19 && item.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| item.parse().ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        reject(
+                            StatusCode::BAD_REQUEST,
+                            format!("invalid Content-Length {item:?}"),
+                        )
+                    })?;
+            if length.is_some_and(|l| l != n) {
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    "conflicting Content-Length values",
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        None | Some(0) => None,
+        Some(n) => Some(BodyFraming::Length(n)),
+    })
+}
+
+/// Writes `res` (head, then its body as it comes) for a request of `version`. `close`: the
+/// connection closes after it (said in the head). Ok(true): the whole response went out
+/// and the connection may carry another request.
+async fn write_response(
+    io: &ClientIo,
+    out: &mut Vec<u8>,
+    res: Response<ResBody>,
+    head_only: bool,
+    version: Version,
+    mut close: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = res.into_parts();
+    let status = parts.status;
+    let bodiless = head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let length = if bodiless {
+        None
+    } else {
+        body.size_hint().exact()
+    };
+    let chunked = !bodiless && length.is_none() && version == Version::HTTP_11;
+    // Neither a length nor chunks (an HTTP/1.0 client): the end of the body is the close.
+    close |= !bodiless && length.is_none() && !chunked;
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        // The framing is the proxy's own, except where there is no body to frame (a HEAD
+        // answer keeps the length the GET would have).
+        if !bodiless && *name == header::CONTENT_LENGTH {
+            continue;
+        }
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        date::with(|d| push_header(out, b"date", d));
+    }
+    if let Some(n) = length {
+        push_header(out, b"content-length", itoa_buf(n).as_bytes());
+    } else if chunked {
+        push_header(out, b"transfer-encoding", b"chunked");
+    }
+    if close {
+        push_header(out, b"connection", b"close");
+    } else if version == Version::HTTP_10 {
+        push_header(out, b"connection", b"keep-alive");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        write_all(&io.stream, out).await?;
+        return Ok(!close);
+    }
+
+    loop {
+        // Whatever the body has ready joins the head in one write; wait only once it is out.
+        let ready = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(Some(f)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        let frame = match ready {
+            Some(f) => f,
+            None => {
+                write_all(&io.stream, out).await?;
+                out.clear();
+                body.frame().await
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => d,
+                Err(_) => continue, // trailers: not sent on HTTP/1.1
+            },
+            Some(Err(error)) => {
+                // Cut short: the client must not take it for the whole body.
+                tracing::debug!(%error, "response body failed; closing the client connection");
+                if !out.is_empty() {
+                    write_all(&io.stream, out).await?;
+                    out.clear();
+                }
+                return Ok(false);
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let mut line = [0u8; 18];
+            let n = super::client::hex_line(&mut line, data.len());
+            out.extend_from_slice(&line[..n]);
+        }
+        if out.len() + data.len() <= WRITE_BATCH {
+            out.extend_from_slice(&data);
+        } else {
+            write_all(&io.stream, out).await?;
+            out.clear();
+            write_all(&io.stream, &data).await?;
+        }
+        if chunked {
+            // Goes out with whatever follows.
+            out.extend_from_slice(b"\r\n");
+        }
+        if out.len() >= WRITE_BATCH {
+            write_all(&io.stream, out).await?;
+            out.clear();
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        write_all(&io.stream, out).await?;
+        out.clear();
+    }
+    Ok(!close)
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Decimal digits of `n` without a heap allocation.
+fn itoa_buf(n: u64) -> Digits {
+    let mut d = Digits {
+        buf: [0; 20],
+        start: 20,
+    };
+    let mut n = n;
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break d;
+        }
+    }
+}
+
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// Writes all of `data` (the socket is shared with a body upload reading it).
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Closes the connection after a response that left request bytes unread: the write side
+/// first, then what the client still sends is read and dropped for a while, so that its
+/// kernel does not answer our close with a reset that destroys the response unread.
+async fn linger(io: &ClientIo) {
+    let fd = {
+        use std::os::fd::AsRawFd;
+        io.stream.as_raw_fd()
+    };
+    // SAFETY: `fd` is the stream's open socket; shutting down its write side does not
+    // invalidate it.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 16 * 1024];
+        loop {
+            if io.stream.readable().await.is_err() {
+                return;
+            }
+            match io.stream.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+/// A request body on an HTTP/1.1 client connection, read by the upload to the backend.
+/// Sends `100 Continue` first when the client waits for it.
+pub(crate) struct ClientBody {
+    io: Rc<ClientIo>,
+    state: ClientState,
+    /// Bytes of `100 Continue` still to write before reading.
+    continue_left: usize,
+}
+
+enum ClientState {
+    Length(u64),
+    Chunked(ChunkDecoder),
+    Done,
+}
+
+impl ClientBody {
+    fn done(&mut self) {
+        self.state = ClientState::Done;
+        self.io.body_done.set(true);
+    }
+
+    /// The body is about to be read: a client waiting for `100 Continue` is told now, before
+    /// anything of the response can be written (what does not fit goes in the first poll).
+    pub(crate) fn start(&mut self) {
+        if self.continue_left > 0
+            && !self.io.responded.get()
+            && let Ok(n) = self.io.stream.try_write(CONTINUE)
+        {
+            self.continue_left -= n;
+        }
+    }
+
+    /// Sends what is left of `100 Continue`.
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.continue_left > 0 {
+            if self.io.responded.get() {
+                // The final answer went out first: the client may never send this body.
+                return Poll::Ready(Err(io::Error::other(
+                    "answered before the request body was asked for",
+                )));
+            }
+            let from = CONTINUE.len() - self.continue_left;
+            match self.io.stream.try_write(&CONTINUE[from..]) {
+                Ok(n) => self.continue_left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.io.stream.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            {
+                let mut buf = this.io.buf.borrow_mut();
+                match &mut this.state {
+                    ClientState::Done => return Poll::Ready(None),
+                    ClientState::Length(left) => {
+                        if !buf.is_empty() {
+                            let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                            let data = buf.split_to(n).freeze();
+                            *left -= n as u64;
+                            drop(buf);
+                            if matches!(this.state, ClientState::Length(0)) {
+                                this.done();
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    ClientState::Chunked(decoder) => match decoder.decode(&mut buf) {
+                        Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(Decoded::Done) => {
+                            drop(buf);
+                            this.done();
+                            return Poll::Ready(None);
+                        }
+                        Ok(Decoded::More) => {}
+                        Err(why) => {
+                            return Poll::Ready(Some(Err(format!(
+                                "invalid chunked request body: {why}"
+                            )
+                            .into())));
+                        }
+                    },
+                }
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK * 2);
+                }
+            }
+            ready!(this.poll_continue(cx))?;
+            ready!(this.io.stream.poll_read_ready(cx))?;
+            match this.io.stream.try_read_buf(&mut *this.io.buf.borrow_mut()) {
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(
+                        "client closed the connection before the end of its body".into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, ClientState::Done | ClientState::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            ClientState::Length(n) => SizeHint::with_exact(n),
+            ClientState::Done => SizeHint::with_exact(0),
+            ClientState::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The `Date` header value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+
+    /// Calls `f` with the current `Date` value.
+    pub(super) fn with<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let s = httpdate::fmt_http_date(now);
+                let n = s.len().min(29);
+                c.1[..n].copy_from_slice(&s.as_bytes()[..n]);
+                c.0 = secs;
+            }
+            f(&c.1)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<Option<Head>, Reject> {
+        parse_request(&mut BytesMut::from(raw.as_bytes()))
+    }
+
+    fn refused(raw: &str) -> (u16, String) {
+        match parse(raw) {
+            Err(Reject(s, why)) => (s.as_u16(), why),
+            Ok(_) => panic!("accepted: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_parse_with_their_framing() {
+        let mut buf = BytesMut::from(
+            &b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhelloGET"[..],
+        );
+        let head = parse_request(&mut buf).unwrap().unwrap();
+        assert_eq!(head.parts.method, Method::POST);
+        assert_eq!(head.parts.uri, "/a?b=1");
+        assert_eq!(head.body, Some(BodyFraming::Length(5)));
+        assert!(head.keep_alive && head.expect_continue && !head.upgrade);
+        assert_eq!(&buf[..], b"helloGET");
+
+        let head = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!head.keep_alive && head.body.is_none());
+        let head = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.keep_alive);
+        let head = parse(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(head.upgrade);
+        let head = parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.body, Some(BodyFraming::Chunked));
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for (raw, status, why) in [
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                400,
+                "both",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+                "chunked",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+                "chunked",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+                501,
+                "chunked",
+            ),
+            (
+                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+                "HTTP/1.0",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                400,
+                "conflicting",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n",
+                400,
+                "Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                400,
+                "Content-Length",
+            ),
+            ("GET / HTTP/1.1\r\n\r\n", 400, "missing Host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                400,
+                "more than one Host",
+            ),
+            ("GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400, "invalid"),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+                400,
+                "invalid",
+            ),
+            (
+                "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+                405,
+                "CONNECT",
+            ),
+            ("GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505, "HTTP/1"),
+        ] {
+            let (s, w) = refused(raw);
+            assert_eq!(s, status, "{raw:?}: {w}");
+            assert!(w.contains(why), "{raw:?}: {w}");
+        }
+        let same = parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(same.body, Some(BodyFraming::Length(3)));
+    }
+
+    #[test]
+    fn digits_without_allocation() {
+        for n in [0u64, 7, 10, 1234567890, u64::MAX] {
+            assert_eq!(itoa_buf(n).as_bytes(), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn date_values_are_http_dates() {
+        let d = date::with(|d| String::from_utf8(d.to_vec()).unwrap());
+        assert!(httpdate::parse_http_date(&d).is_ok(), "{d}");
+    }
+}
