@@ -123,22 +123,42 @@ pub(crate) const MAX_HEADERS: usize = 128;
 /// Where one header's name and value lie in a head's buffer.
 pub(crate) type Span = (u32, u32, u32, u32);
 
-/// Records where `parsed`'s names and values lie relative to `base` (the start of the
-/// buffer they were parsed from), so that both can be cut from that buffer once frozen:
-/// no copy, and no allocation for the spans. Returns how many there are.
-pub(crate) fn spans(base: *const u8, parsed: &[httparse::Header<'_>], out: &mut [Span]) -> usize {
-    let base = base as usize;
-    for (span, h) in out.iter_mut().zip(parsed) {
-        let name = (h.name.as_ptr() as usize - base) as u32;
-        let value = (h.value.as_ptr() as usize - base) as u32;
-        *span = (
-            name,
-            name + h.name.len() as u32,
-            value,
-            value + h.value.len() as u32,
-        );
+/// Where a parsed head's names and values lie relative to the start of the buffer they
+/// were parsed from, so that both can be cut from that buffer once frozen: no copy, and no
+/// allocation. Uninitialised beyond `len` (a 2 KiB memset per head showed in profiles).
+pub(crate) struct Spans {
+    list: [std::mem::MaybeUninit<Span>; MAX_HEADERS],
+    len: usize,
+}
+
+impl Spans {
+    /// The spans of `parsed`, relative to `base`.
+    pub(crate) fn of(base: *const u8, parsed: &[httparse::Header<'_>]) -> Self {
+        let base = base as usize;
+        let mut spans = Spans {
+            list: [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS],
+            len: 0,
+        };
+        for (slot, h) in spans.list.iter_mut().zip(parsed) {
+            let name = (h.name.as_ptr() as usize - base) as u32;
+            let value = (h.value.as_ptr() as usize - base) as u32;
+            slot.write((
+                name,
+                name + h.name.len() as u32,
+                value,
+                value + h.value.len() as u32,
+            ));
+            spans.len += 1;
+        }
+        spans
     }
-    parsed.len().min(out.len())
+
+    /// The spans recorded.
+    pub(crate) fn as_slice(&self) -> &[Span] {
+        // SAFETY: the first `len` entries were written in `of`; `MaybeUninit<T>` has
+        // `T`'s layout.
+        unsafe { std::slice::from_raw_parts(self.list.as_ptr().cast::<Span>(), self.len) }
+    }
 }
 
 /// The header map of a head whose headers are at `spans` in `head`, less those `skip`
