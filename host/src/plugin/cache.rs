@@ -58,7 +58,11 @@ pub fn load(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Compone
 
 fn store(component: &Component, dir: &Path, file: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per writer: threads of one process (parallel tests, workers) may store the
+    // same plugin at once, and must not write into each other's file.
+    static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = file.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, component.serialize().map_err(super::wasm_err)?)?;
     std::fs::rename(&tmp, file)?;
     Ok(())

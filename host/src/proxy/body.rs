@@ -424,7 +424,7 @@ fn poll_fill(conn: &mut BackendConn, cx: &mut Context<'_>) -> Poll<io::Result<us
     }
     loop {
         ready!(conn.stream.poll_read_ready(cx))?;
-        match conn.stream.try_read_buf(&mut conn.buf) {
+        match super::sock::read_buf(&conn.stream, &mut conn.buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             done => return Poll::Ready(done),
         }

@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 
 use super::body::{BoxError, Framing, ReqBody};
 use super::headers::{self, MAX_HEADERS};
+use super::sock::{self, write_all};
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
@@ -375,7 +376,7 @@ impl BackendConn {
                 .readable()
                 .await
                 .map_err(|e| (SendErrorKind::Io(e), read))?;
-            match self.stream.try_read_buf(&mut self.buf) {
+            match sock::read_buf(&self.stream, &mut self.buf) {
                 Ok(0) => return Err((SendErrorKind::Closed, read)),
                 Ok(n) => read += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -415,19 +416,6 @@ async fn upload(stream: &TcpStream, mut body: ReqBody, chunked: bool) -> Result<
         write_all(stream, b"0\r\n\r\n")
             .await
             .map_err(SendErrorKind::Io)?;
-    }
-    Ok(())
-}
-
-/// Writes all of `data` through a shared reference (an upload task and the response
-/// reader may share the socket).
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
     }
     Ok(())
 }

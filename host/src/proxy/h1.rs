@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody, ResBody};
 use super::headers::{self, MAX_HEADERS};
 use super::http::ConnCtx;
+use super::sock::{self, write_all};
 use super::tunnel;
 use super::worker::Drain;
 
@@ -233,7 +234,7 @@ async fn next_head(
                 continue;
             }
         }
-        match io.stream.try_read_buf(&mut *io.buf.borrow_mut()) {
+        match sock::read_buf(&io.stream, &mut io.buf.borrow_mut()) {
             Ok(0) => return Next::Closed,
             // A head has the idle timeout to arrive whole, from its first byte: a client
             // trickling one byte at a time cannot hold the connection forever.
@@ -552,18 +553,6 @@ impl Digits {
     }
 }
 
-/// Writes all of `data` (the socket is shared with a body upload reading it).
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Closes the connection after a response that left request bytes unread: the write side
 /// first, then what the client still sends is read and dropped for a while, so that its
 /// kernel does not answer our close with a reset that destroys the response unread.
@@ -696,7 +685,7 @@ impl Body for ClientBody {
             }
             ready!(this.poll_continue(cx))?;
             ready!(this.io.stream.poll_read_ready(cx))?;
-            match this.io.stream.try_read_buf(&mut *this.io.buf.borrow_mut()) {
+            match sock::read_buf(&this.io.stream, &mut this.io.buf.borrow_mut()) {
                 Ok(0) => {
                     return Poll::Ready(Some(Err(
                         "client closed the connection before the end of its body".into(),

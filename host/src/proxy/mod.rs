@@ -16,7 +16,7 @@
 //! - [`tcp`]: per-connection balancing of raw TCP.
 //! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
 //! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
-//! - [`headers`], [`body`], [`budget`]: the pieces the HTTP path is made of.
+//! - [`headers`], [`body`], [`budget`], [`sock`]: the pieces the HTTP path is made of.
 //!
 //! Health, load reports and managed processes are not here: they run on the control plane
 //! ([`crate::health`], [`crate::serve`]); workers only report failures to it ([`Event`]).
@@ -27,6 +27,7 @@ mod client;
 mod h1;
 mod headers;
 mod http;
+mod sock;
 mod tcp;
 mod tunnel;
 mod worker;
