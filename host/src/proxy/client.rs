@@ -498,9 +498,10 @@ fn parse_head(
     // holds what would only be removed again.
     let framing = Framing::of(status, version, res.headers, head_only)?;
     let hop = headers::HopByHop::of(res.headers, status == StatusCode::SWITCHING_PROTOCOLS);
-    let spans = headers::Spans::of(buf.as_ptr(), res.headers);
+    let mut store = headers::span_store();
+    let spans = headers::spans(buf.as_ptr(), res.headers, &mut store);
     let head: Bytes = buf.split_to(len).freeze();
-    let map = headers::header_map(&head, spans.as_slice(), &hop)?;
+    let map = headers::header_map(&head, spans, &hop)?;
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;

@@ -288,9 +288,10 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, Reject> {
     let path = req.path.unwrap_or("");
     let base = buf.as_ptr() as usize;
     let path_span = (path.as_ptr() as usize - base, path.len());
-    let spans = headers::Spans::of(buf.as_ptr(), req.headers);
+    let mut store = headers::span_store();
+    let spans = headers::spans(buf.as_ptr(), req.headers, &mut store);
     let head = buf.split_to(len).freeze();
-    let headers = headers::header_map(&head, spans.as_slice(), &headers::HopByHop::default())
+    let headers = headers::header_map(&head, spans, &headers::HopByHop::default())
         .map_err(|why| reject(StatusCode::BAD_REQUEST, format!("invalid {why}")))?;
     let uri = Uri::from_maybe_shared(head.slice(path_span.0..path_span.0 + path_span.1))
         .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid request target"))?;

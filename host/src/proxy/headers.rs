@@ -123,42 +123,38 @@ pub(crate) const MAX_HEADERS: usize = 128;
 /// Where one header's name and value lie in a head's buffer.
 pub(crate) type Span = (u32, u32, u32, u32);
 
-/// Where a parsed head's names and values lie relative to the start of the buffer they
-/// were parsed from, so that both can be cut from that buffer once frozen: no copy, and no
-/// allocation. Uninitialised beyond `len` (a 2 KiB memset per head showed in profiles).
-pub(crate) struct Spans {
-    list: [std::mem::MaybeUninit<Span>; MAX_HEADERS],
-    len: usize,
+/// Storage for a head's [`spans`], left uninitialised (a 2 KiB memset per head showed in
+/// profiles; so did returning it by value).
+pub(crate) type SpanStore = [std::mem::MaybeUninit<Span>; MAX_HEADERS];
+
+/// An empty [`SpanStore`].
+pub(crate) const fn span_store() -> SpanStore {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
 }
 
-impl Spans {
-    /// The spans of `parsed`, relative to `base`.
-    pub(crate) fn of(base: *const u8, parsed: &[httparse::Header<'_>]) -> Self {
-        let base = base as usize;
-        let mut spans = Spans {
-            list: [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS],
-            len: 0,
-        };
-        for (slot, h) in spans.list.iter_mut().zip(parsed) {
-            let name = (h.name.as_ptr() as usize - base) as u32;
-            let value = (h.value.as_ptr() as usize - base) as u32;
-            slot.write((
-                name,
-                name + h.name.len() as u32,
-                value,
-                value + h.value.len() as u32,
-            ));
-            spans.len += 1;
-        }
-        spans
+/// Records in `out` where `parsed`'s names and values lie relative to `base` (the start of
+/// the buffer they were parsed from), so that both can be cut from that buffer once it is
+/// frozen: no copy, and no allocation. Returns the spans written.
+pub(crate) fn spans<'s>(
+    base: *const u8,
+    parsed: &[httparse::Header<'_>],
+    out: &'s mut SpanStore,
+) -> &'s [Span] {
+    let base = base as usize;
+    let mut len = 0;
+    for (slot, h) in out.iter_mut().zip(parsed) {
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        slot.write((
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        ));
+        len += 1;
     }
-
-    /// The spans recorded.
-    pub(crate) fn as_slice(&self) -> &[Span] {
-        // SAFETY: the first `len` entries were written in `of`; `MaybeUninit<T>` has
-        // `T`'s layout.
-        unsafe { std::slice::from_raw_parts(self.list.as_ptr().cast::<Span>(), self.len) }
-    }
+    // SAFETY: the first `len` entries were just written; `MaybeUninit<T>` has `T`'s layout.
+    unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<Span>(), len) }
 }
 
 /// The header map of a head whose headers are at `spans` in `head`, less those `skip`
