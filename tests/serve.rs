@@ -1251,7 +1251,7 @@ async fn read_head(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<
 /// A backend that answers by path with hand-written HTTP/1.1, to drive every framing the
 /// proxy's backend client must handle: chunked (with extensions and trailers), delimited by
 /// close, an interim `100 Continue`, a malformed length, a chunked request body, and a
-/// keep-alive connection closed just as the next request arrives.
+/// keep-alive connection closed just as the next request arrives, and one that answers late.
 async fn scripted_backend() -> SocketAddr {
     serve_each(|stream| async move {
         let (r, mut w) = stream.into_split();
@@ -1320,6 +1320,11 @@ async fn scripted_backend() -> SocketAddr {
                         }
                     }
                     "0\r\n\r\n".into()
+                }
+                "/slow" => {
+                    // Answers long after any request timeout in these tests.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate".into()
                 }
                 "/bad-length" => {
                     "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello".into()
@@ -1523,6 +1528,38 @@ async fn client_requests_are_framed_strictly_pipelined_and_continued() {
         assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
         let body = rest.split_once("\r\n\r\n").expect("head").1;
         assert_eq!(dechunk(body).as_deref(), Some("hello"), "{rest}");
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_does_not_answer_in_time_gives_a_504() {
+    bounded(async {
+        let backend = scripted_backend().await;
+        let server = start(
+            "round_robin",
+            &[(backend, 1)],
+            "",
+            "[listener.timeouts]\nrequest = \"300ms\"\n",
+        );
+        let addr = server.listen_addrs()[0];
+        let c = client();
+        // Twice on the same client connection, with an answered request between: the
+        // connection's request timer must fire each time, and not early.
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let r = get(&c, addr, "/slow").await;
+            assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+            assert!(
+                r.text().contains("did not answer within 300ms"),
+                "{}",
+                r.text()
+            );
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            let r = get(&c, addr, "/x").await;
+            assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "once"));
+        }
         server.shutdown(Duration::from_secs(5)).await;
     })
     .await;

@@ -98,9 +98,12 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
         responded: Cell::new(false),
     });
     let mut out = Vec::with_capacity(READ_CHUNK);
-    // One timer for the connection's life: re-armed only when it fires early.
+    // Two timers for the connection's life, re-armed only when they fire early: the idle
+    // one, and the one for each exchange's request timeout (armed at its first use).
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
+    let request_timer = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(request_timer);
     let mut last = tokio::time::Instant::now();
     loop {
         let head = match next_head(&io, &drain, timer.as_mut(), &mut last, idle).await {
@@ -135,7 +138,9 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
                 continue_left: if expect_continue { CONTINUE.len() } else { 0 },
             })
         });
-        let mut res = ctx.exchange(parts, body, upgrade).await;
+        let mut res = ctx
+            .exchange(parts, body, upgrade, Some(request_timer.as_mut()))
+            .await;
         io.responded.set(true);
         if let Some((conn, in_flight)) = res.body_mut().take_switch() {
             // 101: the head goes out as the backend sent it, then bytes both ways.
