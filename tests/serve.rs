@@ -1498,6 +1498,17 @@ async fn client_requests_are_framed_strictly_pipelined_and_continued() {
         assert!(!answers[1].contains("connection: close"), "{reply}");
         assert!(answers[2].contains("connection: close\r\n"), "{reply}");
 
+        // A request that closes the connection, with far more pipelined behind it than
+        // the proxy reads at once: one answer, then a clean close, not a reset (which the
+        // unread bytes would cause, and which fails the read here).
+        let mut raw = b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec();
+        for _ in 0..4096 {
+            raw.extend_from_slice(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Pad: 0123456789abcdef\r\n\r\n");
+        }
+        let reply = raw_exchange(addr, &raw).await;
+        assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
+        assert!(reply.ends_with("\r\n\r\nonce"), "{reply}");
+
         // HTTP/1.0 knows no chunks: the body ends with the connection.
         let reply = raw_exchange(addr, b"GET /chunked HTTP/1.0\r\n\r\n").await;
         assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");

@@ -163,8 +163,11 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
         last = tokio::time::Instant::now();
         match clean {
             Ok(true) if !close && io.body_done.get() => {}
-            Ok(_) if !io.body_done.get() => {
-                // Where the next request starts is unknown: drain a little, then close.
+            Ok(_) if !io.body_done.get() || !io.buf.borrow().is_empty() => {
+                // Request bytes left unread (a body, or requests pipelined after the last
+                // one, which may go on in the kernel's buffer): closing now would answer
+                // them with a reset that can destroy the response unread. NGINX lingers
+                // in the same cases.
                 linger(&io).await;
                 return;
             }
