@@ -1326,6 +1326,9 @@ async fn scripted_backend() -> SocketAddr {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate".into()
                 }
+                "/gzip-chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+                                    3\r\nabc\r\n0\r\n\r\n"
+                    .into(),
                 "/bad-length" => {
                     "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello".into()
                 }
@@ -1382,6 +1385,10 @@ async fn every_backend_framing_is_relayed_and_stale_connections_retried() {
         let r = get(&c, addr, "/bad-length").await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
         assert!(r.text().contains("invalid content-length"), "{}", r.text());
+        // A coding the proxy would not undo is refused, not passed on unlabelled.
+        let r = get(&c, addr, "/gzip-chunked").await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+        assert!(r.text().contains("transfer coding other than chunked"), "{}", r.text());
 
         // The backend drops a pooled connection as the next GET arrives: the GET goes again
         // on a fresh connection, and the client never sees it.

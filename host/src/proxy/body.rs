@@ -221,7 +221,7 @@ impl Framing {
         head_only: bool,
     ) -> Result<Framing, String> {
         let mut keep_alive = version == Version::HTTP_11;
-        let mut coding: Option<&[u8]> = None;
+        let (mut has_coding, mut codings, mut only_chunked) = (false, 0, true);
         let mut has_length = false;
         for h in headers {
             if h.name.eq_ignore_ascii_case("connection") {
@@ -236,7 +236,13 @@ impl Framing {
                     }
                 }
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                coding = Some(h.value);
+                for c in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if !c.is_empty() {
+                        codings += 1;
+                        only_chunked &= c.eq_ignore_ascii_case(b"chunked");
+                    }
+                }
+                has_coding = true;
             } else if h.name.eq_ignore_ascii_case("content-length") {
                 has_length = true;
             }
@@ -251,17 +257,15 @@ impl Framing {
         {
             return Ok(Framing::Length(0, keep_alive));
         }
-        if let Some(last) = coding {
-            let chunked = last
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if has_coding {
+            // Only `chunked` is undone here; another coding would reach the client
+            // unlabelled once the hop's Transfer-Encoding is dropped (NGINX refuses these
+            // too: "upstream sent unknown Transfer-Encoding").
+            if codings != 1 || !only_chunked {
+                return Err("transfer coding other than chunked".into());
+            }
             // With both, Transfer-Encoding wins and the connection is not reused.
-            return Ok(if chunked {
-                Framing::Chunked(keep_alive && !has_length)
-            } else {
-                Framing::Close
-            });
+            return Ok(Framing::Chunked(keep_alive && !has_length));
         }
         let mut length = None;
         for h in headers
@@ -615,14 +619,23 @@ mod tests {
             Ok(Framing::Length(0, true))
         );
         assert_eq!(
-            Framing::of(
-                ok,
-                v11,
-                &h(&[("transfer-encoding", "gzip, chunked")]),
-                false
-            ),
+            Framing::of(ok, v11, &h(&[("transfer-encoding", "Chunked")]), false),
             Ok(Framing::Chunked(true))
         );
+        for refused in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[("transfer-encoding", "gzip")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+        ] {
+            assert_eq!(
+                Framing::of(ok, v11, &h(refused), false),
+                Err("transfer coding other than chunked".into()),
+                "{refused:?}"
+            );
+        }
         assert_eq!(
             Framing::of(
                 ok,
@@ -631,10 +644,6 @@ mod tests {
                 false
             ),
             Ok(Framing::Chunked(false))
-        );
-        assert_eq!(
-            Framing::of(ok, v11, &h(&[("transfer-encoding", "gzip")]), false),
-            Ok(Framing::Close)
         );
         assert_eq!(Framing::of(ok, v11, &h(&[]), false), Ok(Framing::Close));
         assert_eq!(
