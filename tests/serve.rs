@@ -1486,6 +1486,14 @@ async fn client_requests_are_framed_strictly_pipelined_and_continued() {
             assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
         }
 
+        // A head past 64 KiB is refused whole, not buffered without end.
+        let mut huge = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+        huge.resize(huge.len() + 70 * 1024, b'a');
+        huge.extend_from_slice(b"\r\n\r\n");
+        let reply = raw_exchange(addr, &huge).await;
+        assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
+        assert!(reply.contains("larger than 64 KiB"), "{reply}");
+
         // Pipelined requests are answered in order on one connection; a chunked answer
         // goes out chunked again (its trailers are a hop's and stay behind).
         let reply = raw_exchange(
