@@ -267,26 +267,12 @@ impl Framing {
             // With both, Transfer-Encoding wins and the connection is not reused.
             return Ok(Framing::Chunked(keep_alive && !has_length));
         }
-        let mut length = None;
-        for h in headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        {
-            for item in h.value.split(|&b| b == b',') {
-                let item = item.trim_ascii();
-                let n: u64 =
-                    (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
-                        .then(|| std::str::from_utf8(item).ok()?.parse().ok())
-                        .flatten()
-                        .ok_or_else(|| {
-                            format!("invalid content-length {:?}", String::from_utf8_lossy(item))
-                        })?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("conflicting content-length values".into());
-                }
-                length = Some(n);
-            }
-        }
+        let length = super::headers::content_length(
+            headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| h.value),
+        )?;
         Ok(match length {
             Some(n) => Framing::Length(n, keep_alive),
             None => Framing::Close,

@@ -561,7 +561,7 @@ mod tests {
         assert!(
             parse_head(&mut bad, false)
                 .unwrap_err()
-                .contains("content-length")
+                .contains("Content-Length")
         );
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
         assert!(parse_head(&mut garbage, false).is_err());

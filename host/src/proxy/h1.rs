@@ -23,7 +23,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -374,29 +374,13 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Option<BodyFraming>,
             )),
         };
     }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for item in v.to_str().unwrap_or("x").split(',') {
-            let item = item.trim();
-            let n: u64 =
-                (!item.is_empty() && item.len() <= 19 && item.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| item.parse().ok())
-                    .flatten()
-                    .ok_or_else(|| {
-                        reject(
-                            StatusCode::BAD_REQUEST,
-                            format!("invalid Content-Length {item:?}"),
-                        )
-                    })?;
-            if length.is_some_and(|l| l != n) {
-                return Err(reject(
-                    StatusCode::BAD_REQUEST,
-                    "conflicting Content-Length values",
-                ));
-            }
-            length = Some(n);
-        }
-    }
+    let length = headers::content_length(
+        headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+    .map_err(|why| reject(StatusCode::BAD_REQUEST, why))?;
     Ok(match length {
         None | Some(0) => None,
         Some(n) => Some(BodyFraming::Length(n)),
@@ -566,15 +550,7 @@ impl Digits {
 /// first, then what the client still sends is read and dropped for a while, so that its
 /// kernel does not answer our close with a reset that destroys the response unread.
 async fn linger(io: &ClientIo) {
-    let fd = {
-        use std::os::fd::AsRawFd;
-        io.stream.as_raw_fd()
-    };
-    // SAFETY: `fd` is the stream's open socket; shutting down its write side does not
-    // invalidate it.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_WR);
-    }
+    let _ = socket2::SockRef::from(&io.stream).shutdown(std::net::Shutdown::Write);
     let _ = tokio::time::timeout(LINGER, async {
         let mut sink = [0u8; 16 * 1024];
         loop {

@@ -232,6 +232,27 @@ impl HopByHop {
     }
 }
 
+/// The body length that `Content-Length` values declare (RFC 9112 §6.3): every item of
+/// every value digits only, and all the same (`3, 3` is 3). Requests and responses share it,
+/// so that both sides of the proxy refuse the same ambiguous framings.
+pub(crate) fn content_length<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, String> {
+    let mut length = None;
+    for item in values.flat_map(|v| v.split(|&b| b == b',')) {
+        let item = item.trim_ascii();
+        let n: u64 = (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
+            .then(|| std::str::from_utf8(item).ok()?.parse().ok())
+            .flatten()
+            .ok_or_else(|| format!("invalid Content-Length {:?}", String::from_utf8_lossy(item)))?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values".into());
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}
+
 /// Whether a `Connection` header lists `token`.
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
