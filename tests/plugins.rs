@@ -485,8 +485,9 @@ fn example_plugin_loads_from_a_file() {
     let view = pool.view();
     let c = counts((0..300).map(|i| {
         let mut req = RequestInfo::default();
-        req.headers
-            .insert("x-user", format!("u{i}").parse().unwrap());
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-user", format!("u{i}").parse().unwrap());
+        req.headers = headers.into();
         pick(&mut sel, &view, &mut req)
     }));
     assert!(
@@ -494,7 +495,9 @@ fn example_plugin_loads_from_a_file() {
         "percent=0 keeps everyone off the canary: {c:?}"
     );
     let mut req = RequestInfo::default();
-    req.headers.insert("x-canary", "always".parse().unwrap());
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-canary", "always".parse().unwrap());
+    req.headers = headers.into();
     assert_eq!(pick(&mut sel, &view, &mut req), Some(2));
 }
 

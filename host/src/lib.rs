@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod dashboard;
+pub mod fields;
 pub mod health;
 pub mod metrics;
 pub mod plugin;

@@ -255,8 +255,8 @@ impl request::Host for StoreData {
     }
 
     fn header(&mut self, name: String) -> Option<String> {
-        let v = self.request.headers.get(name.as_str())?;
-        Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+        let v = self.request.headers.get(&name)?;
+        Some(String::from_utf8_lossy(v).into_owned())
     }
 
     fn client_ip(&mut self) -> String {

@@ -25,7 +25,9 @@ pub use runtime::{Plugin, PluginSource, PluginStats, Runtime, RuntimeConfig, Sta
 pub use selector::{Fault, Pick, PickSource, Selector};
 pub use static_pool::StaticPool;
 
-use http::{HeaderMap, Method, Uri};
+use http::{Method, Uri};
+
+use crate::fields::Fields;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -143,7 +145,7 @@ pub struct RequestInfo {
     /// URI (`/` for TCP).
     pub uri: Uri,
     /// Request headers (empty for TCP).
-    pub headers: HeaderMap,
+    pub headers: Fields,
     /// Client address.
     pub client_ip: IpAddr,
     /// The listener's hash key, resolved by the proxy.
@@ -158,7 +160,7 @@ impl Default for RequestInfo {
             protocol: Protocol::Http,
             method: Method::GET,
             uri: Uri::from_static("/"),
-            headers: HeaderMap::new(),
+            headers: Fields::default(),
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             hash_key: None,
             attempt: 0,

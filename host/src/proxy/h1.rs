@@ -23,19 +23,18 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
-use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::net::TcpStream;
 
-use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody, ResBody};
-use super::headers::{self, MAX_HEADERS};
-use super::http::ConnCtx;
+use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody};
+use super::headers::{self, MAX_HEADERS, ReqHead};
+use super::http::{ConnCtx, Reply};
 use super::sock::{self, write_all};
 use super::tunnel;
 use super::worker::Drain;
+use crate::fields::{Fields, RawFields};
 
 /// The largest request head accepted (request line and headers): 431 beyond.
 const MAX_HEAD: usize = 64 * 1024;
@@ -70,14 +69,12 @@ enum BodyFraming {
 
 /// A parsed request head and what the connection needs to know about it.
 struct Head {
-    parts: Parts,
+    req: ReqHead,
     body: Option<BodyFraming>,
     /// The client keeps the connection open after this exchange.
     keep_alive: bool,
     /// The client waits for `100 Continue` before sending its body.
     expect_continue: bool,
-    /// The client asks to switch protocols.
-    upgrade: bool,
 }
 
 /// Why a request is refused before it is forwarded.
@@ -118,14 +115,13 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
             }
         };
         let Head {
-            parts,
+            req,
             body,
             keep_alive,
             expect_continue,
-            upgrade,
         } = head;
-        let head_only = parts.method == Method::HEAD;
-        let version = parts.version;
+        let head_only = req.method == Method::HEAD;
+        let version = req.version;
         io.responded.set(false);
         io.body_done.set(body.is_none());
         let body = body.map(|framing| {
@@ -138,11 +134,9 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
                 continue_left: if expect_continue { CONTINUE.len() } else { 0 },
             })
         });
-        let mut res = ctx
-            .exchange(parts, body, upgrade, Some(request_timer.as_mut()))
-            .await;
+        let mut res = ctx.exchange(req, body, Some(request_timer.as_mut())).await;
         io.responded.set(true);
-        if let Some((conn, in_flight)) = res.body_mut().take_switch() {
+        if let Some((conn, in_flight)) = res.body.take_switch() {
             // 101: the head goes out as the backend sent it, then bytes both ways.
             if write_response(&io, &mut out, res, true, version, false)
                 .await
@@ -296,22 +290,27 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, Reject> {
     let path = req.path.unwrap_or("");
     let base = buf.as_ptr() as usize;
     let path_span = (path.as_ptr() as usize - base, path.len());
-    let mut store = headers::span_store();
-    let spans = headers::spans(buf.as_ptr(), req.headers, &mut store);
-    let head = buf.split_to(len).freeze();
-    let headers = headers::header_map(&head, spans, &headers::HopByHop::default())
-        .map_err(|why| reject(StatusCode::BAD_REQUEST, format!("invalid {why}")))?;
-    let uri = Uri::from_maybe_shared(head.slice(path_span.0..path_span.0 + path_span.1))
-        .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid request target"))?;
     if method == Method::CONNECT {
         return Err(reject(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not served by a reverse proxy",
         ));
     }
-    let body = framing(version, &headers)?;
+    // Everything is decided on the raw fields; only what goes on is kept, unparsed.
+    let fields = req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    let all = |name: &'static str| {
+        fields
+            .clone()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    };
+    let body = framing(
+        version,
+        all("transfer-encoding"),
+        all("content-length").peekable(),
+    )?;
     if version == Version::HTTP_11 {
-        let mut hosts = headers.get_all(header::HOST).iter();
+        let mut hosts = all("host");
         match (hosts.next(), hosts.next()) {
             (Some(_), None) => {}
             (None, _) => return Err(reject(StatusCode::BAD_REQUEST, "missing Host header")),
@@ -321,34 +320,45 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, Reject> {
         }
     }
     let keep_alive = if version == Version::HTTP_11 {
-        !headers::connection_has(&headers, "close")
+        !headers::connection_has(all("connection"), "close")
     } else {
-        headers::connection_has(&headers, "keep-alive")
+        headers::connection_has(all("connection"), "keep-alive")
     };
     let expect_continue = version == Version::HTTP_11
         && body.is_some()
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        && all("expect")
+            .next()
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     // A switch needs the connection free of a body.
-    let upgrade = body.is_none() && headers::wants_upgrade(version, &headers);
-    let mut parts = Request::new(()).into_parts().0;
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = version;
-    parts.headers = headers;
+    let upgrade = body.is_none() && headers::wants_upgrade(version, fields);
+    let hop = headers::HopByHop::of(req.headers, upgrade);
+    let mut store = headers::span_store();
+    let spans = headers::spans(buf.as_ptr(), req.headers, &mut store);
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path_span.0..path_span.0 + path_span.1))
+        .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid request target"))?;
     Ok(Some(Head {
-        parts,
+        req: ReqHead {
+            method,
+            uri,
+            version,
+            fields: Fields::Raw(RawFields::new(head, spans, hop)),
+            upgrade,
+        },
         body,
         keep_alive,
         expect_continue,
-        upgrade,
     }))
 }
 
-/// How a request's body is delimited (RFC 9112 §6.3); refuses what could be read two ways.
-fn framing(version: Version, headers: &HeaderMap) -> Result<Option<BodyFraming>, Reject> {
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+/// How a request's body is delimited (RFC 9112 §6.3) by its `Transfer-Encoding` and
+/// `Content-Length` values; refuses what could be read two ways.
+fn framing<'a>(
+    version: Version,
+    codings: impl Iterator<Item = &'a [u8]>,
+    mut lengths: std::iter::Peekable<impl Iterator<Item = &'a [u8]>>,
+) -> Result<Option<BodyFraming>, Reject> {
+    let mut codings = codings.peekable();
     if codings.peek().is_some() {
         if version == Version::HTTP_10 {
             return Err(reject(
@@ -356,31 +366,26 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Option<BodyFraming>,
                 "Transfer-Encoding in an HTTP/1.0 request",
             ));
         }
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if lengths.peek().is_some() {
             return Err(reject(
                 StatusCode::BAD_REQUEST,
                 "both Transfer-Encoding and Content-Length",
             ));
         }
         let mut list = codings
-            .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
-            .map(str::trim)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
             .filter(|c| !c.is_empty());
         return match (list.next(), list.next()) {
-            (Some(c), None) if c.eq_ignore_ascii_case("chunked") => Ok(Some(BodyFraming::Chunked)),
+            (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(Some(BodyFraming::Chunked)),
             _ => Err(reject(
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer codings other than chunked are not supported",
             )),
         };
     }
-    let length = headers::content_length(
-        headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .map(HeaderValue::as_bytes),
-    )
-    .map_err(|why| reject(StatusCode::BAD_REQUEST, why))?;
+    let length =
+        headers::content_length(lengths).map_err(|why| reject(StatusCode::BAD_REQUEST, why))?;
     Ok(match length {
         None | Some(0) => None,
         Some(n) => Some(BodyFraming::Length(n)),
@@ -393,13 +398,16 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Option<BodyFraming>,
 async fn write_response(
     io: &ClientIo,
     out: &mut Vec<u8>,
-    res: Response<ResBody>,
+    res: Reply,
     head_only: bool,
     version: Version,
     mut close: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = res.into_parts();
-    let status = parts.status;
+    let Reply {
+        status,
+        fields,
+        mut body,
+    } = res;
     let bodiless = head_only
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -419,15 +427,17 @@ async fn write_response(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
+    let mut dated = false;
+    for (name, value) in fields.iter() {
         // The framing is the proxy's own, except where there is no body to frame (a HEAD
         // answer keeps the length the GET would have).
-        if !bodiless && *name == header::CONTENT_LENGTH {
+        if !bodiless && name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+        dated |= name.eq_ignore_ascii_case(b"date");
+        push_header(out, name, value);
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         date::with(|d| push_header(out, b"date", d));
     }
     if let Some(n) = length {
@@ -435,7 +445,9 @@ async fn write_response(
     } else if chunked {
         push_header(out, b"transfer-encoding", b"chunked");
     }
-    if close {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        push_header(out, b"connection", b"upgrade");
+    } else if close {
         push_header(out, b"connection", b"close");
     } else if version == Version::HTTP_10 {
         push_header(out, b"connection", b"keep-alive");
@@ -743,10 +755,10 @@ mod tests {
             &b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhelloGET"[..],
         );
         let head = parse_request(&mut buf).unwrap().unwrap();
-        assert_eq!(head.parts.method, Method::POST);
-        assert_eq!(head.parts.uri, "/a?b=1");
+        assert_eq!(head.req.method, Method::POST);
+        assert_eq!(head.req.uri, "/a?b=1");
         assert_eq!(head.body, Some(BodyFraming::Length(5)));
-        assert!(head.keep_alive && head.expect_continue && !head.upgrade);
+        assert!(head.keep_alive && head.expect_continue && !head.req.upgrade);
         assert_eq!(&buf[..], b"helloGET");
 
         let head = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
@@ -760,7 +772,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(head.upgrade);
+        assert!(head.req.upgrade);
         let head = parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n")
             .unwrap()
             .unwrap();

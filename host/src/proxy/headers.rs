@@ -6,16 +6,13 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Uri, Version};
+use http::{Method, Uri, Version};
+
+use crate::fields::Fields;
 
 use crate::config::HashKey;
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-const HTTP: HeaderValue = HeaderValue::from_static("http");
-const UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 
 // The hop-by-hop headers, as bits: one scan of a message's header names says which are
 // present, so that only those are looked up again to remove them.
@@ -49,16 +46,27 @@ fn hop_bit(name: &HeaderName) -> u8 {
 }
 
 /// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`), which
-/// the proxy then passes through.
-pub(crate) fn wants_upgrade(version: Version, headers: &HeaderMap) -> bool {
+/// the proxy then passes through. `fields`: the request's raw (name, value) pairs.
+pub(crate) fn wants_upgrade<'a>(
+    version: Version,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && connection_has(headers, "upgrade")
+        && fields
+            .clone()
+            .any(|(n, _)| n.eq_ignore_ascii_case(b"upgrade"))
+        && connection_has(
+            fields
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+                .map(|(_, v)| v),
+            "upgrade",
+        )
 }
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`. With `keep_upgrade` (a protocol
-/// switch being passed through) `Upgrade` stays and `Connection: upgrade` is set again.
+/// switch being passed through) `Upgrade` stays (the request's writer sends its own
+/// `Connection: upgrade`).
 /// Allocation-free unless `Connection` names unusual headers or `Proxy-*` ones are present.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass to find out what there is to do: usually nothing, or `Connection: keep-alive`.
@@ -112,9 +120,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(n);
         }
     }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, UPGRADE);
-    }
 }
 
 /// The most headers a request or response head may have.
@@ -157,35 +162,17 @@ pub(crate) fn spans<'s>(
     unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<Span>(), len) }
 }
 
-/// The header map of a head whose headers are at `spans` in `head`, less those `skip`
-/// marks; values share the head's buffer.
-pub(crate) fn header_map(
-    head: &bytes::Bytes,
-    spans: &[Span],
-    skip: &HopByHop,
-) -> Result<HeaderMap, String> {
-    // Room for the forwarding headers a request gets, so that adding them does not grow it.
-    let mut map = HeaderMap::with_capacity(spans.len() + 3);
-    for (i, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
-        if skip.0 & (1 << i) != 0 {
-            continue;
-        }
-        let raw = &head[ns as usize..ne as usize];
-        let name = HeaderName::from_bytes(raw)
-            .map_err(|_| format!("header name {:?}", String::from_utf8_lossy(raw)))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| format!("value of header {name}"))?;
-        map.append(name, value);
-    }
-    Ok(map)
-}
-
 /// Which headers of a parsed head (by position, up to [`MAX_HEADERS`]) are hop-by-hop: the
 /// same set [`strip_hop_by_hop`] removes from a map, found before the map is built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct HopByHop(u128);
 
 impl HopByHop {
+    /// Whether the field at `index` is hop-by-hop.
+    pub(crate) fn skips(&self, index: usize) -> bool {
+        self.0 & (1 << index) != 0
+    }
+
     /// Marks the hop-by-hop headers of `parsed`; with `keep_upgrade` (a protocol switch)
     /// `Upgrade` is kept (`Connection` is not: the proxy sets its own).
     pub(crate) fn of(parsed: &[httparse::Header<'_>], keep_upgrade: bool) -> Self {
@@ -253,14 +240,11 @@ pub(crate) fn content_length<'a>(
     Ok(length)
 }
 
-/// Whether a `Connection` header lists `token`.
-pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// Whether `Connection` values list `token`.
+pub(crate) fn connection_has<'a>(values: impl Iterator<Item = &'a [u8]>, token: &str) -> bool {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The `X-Forwarded-For` value this proxy adds for a client (computed once per connection).
@@ -268,70 +252,152 @@ pub(crate) fn client_value(client: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// Makes a client request fit to send to an HTTP/1.1 backend: origin-form URI, a `Host`
-/// header (HTTP/2 carries it in `:authority`), hop-by-hop headers stripped, and the
-/// forwarding headers added.
-pub(crate) fn prepare_request(parts: &mut Parts, client: &HeaderValue, upgrade: bool) {
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(auth) = parts.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(auth.as_str())
-        {
-            parts.headers.insert(header::HOST, v);
-        }
-        let origin = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        if let Ok(uri) = origin.parse::<Uri>() {
-            parts.uri = uri;
-        }
-    }
-    let received = match parts.version {
-        Version::HTTP_2 => "2 lbwasm",
-        Version::HTTP_10 => "1.0 lbwasm",
-        _ => "1.1 lbwasm",
-    };
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    // X-Forwarded-For, X-Forwarded-Proto, Via: grow the map once, not per insert.
-    parts.headers.reserve(3);
+/// A client's request head, as the proxy forwards it.
+#[derive(Debug)]
+pub(crate) struct ReqHead {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    /// As the client spoke (a backend always gets HTTP/1.1; `Via` says which it was).
+    pub(crate) version: Version,
+    pub(crate) fields: Fields,
+    /// A protocol switch passed through: `Upgrade` is kept, `Connection: upgrade` sent.
+    pub(crate) upgrade: bool,
+}
 
-    let xff = match parts
-        .headers
-        .get(&X_FORWARDED_FOR)
-        .map(HeaderValue::as_bytes)
-    {
-        Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
+impl ReqHead {
+    /// A request head from hyper (HTTP/2).
+    pub(crate) fn from_parts(parts: Parts) -> Self {
+        ReqHead {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            fields: Fields::Map(parts.headers),
+            upgrade: false,
         }
-        _ => Some(client.clone()),
-    };
-    if let Some(v) = xff {
-        parts.headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    parts.headers.insert(X_FORWARDED_PROTO.clone(), HTTP);
-    let via = match parts.headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {received}")).ok(),
-        None => Some(HeaderValue::from_static(received)),
-    };
-    if let Some(v) = via {
-        parts.headers.insert(header::VIA, v);
     }
 }
 
+/// Makes a client request fit to send to an HTTP/1.1 backend: origin-form target, a `Host`
+/// field (HTTP/2 carries it in `:authority`), and no hop-by-hop fields (raw ones were left
+/// out as the head was parsed). The forwarding fields are added as it is written
+/// ([`encode_request`]).
+pub(crate) fn prepare_request(head: &mut ReqHead) {
+    if head.uri.scheme().is_some() || head.uri.authority().is_some() {
+        if head.fields.get("host").is_none()
+            && let Some(auth) = head.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(auth.as_str())
+        {
+            // HTTP/2, or an absolute-form HTTP/1.0 request without one: rare enough for a map.
+            let fields = std::mem::take(&mut head.fields);
+            head.fields = match fields.into_map() {
+                Ok(mut map) => {
+                    map.insert(header::HOST, v);
+                    Fields::Map(map)
+                }
+                Err(_) => Fields::default(),
+            };
+        }
+        let origin = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if let Ok(uri) = origin.parse::<Uri>() {
+            head.uri = uri;
+        }
+    }
+    if let Fields::Map(map) = &mut head.fields {
+        strip_hop_by_hop(map, head.upgrade);
+    }
+}
+
+/// Fields a request's writer leaves out because it writes its own: the framing, `Expect`
+/// (the proxy reads the client's body itself and answers `100 Continue` when it starts
+/// to), the forwarding fields (extended) and `Connection`.
+const REWRITTEN: [&[u8]; 6] = [
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"via",
+    b"connection",
+];
+
+/// Writes `head` as an HTTP/1.1 backend gets it: request line, the client's fields, then
+/// `X-Forwarded-For` (the client's list with `client` appended), `X-Forwarded-Proto` and
+/// `Via` (likewise extended), and the body's framing: `length`, the body's exact length (a
+/// `Content-Length` is written for it, replacing the client's), or `chunked`.
+pub(crate) fn encode_request(
+    out: &mut Vec<u8>,
+    head: &ReqHead,
+    client: &HeaderValue,
+    length: Option<u64>,
+    chunked: bool,
+) {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(if target.is_empty() {
+        b"/"
+    } else {
+        target.as_bytes()
+    });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in head.fields.iter() {
+        if !REWRITTEN.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+            push_field(out, name, value);
+        }
+    }
+    let extended = |out: &mut Vec<u8>, name: &str, last: &[u8]| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        for v in head.fields.get_all(name).map(<[u8]>::trim_ascii) {
+            if !v.is_empty() {
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
+            }
+        }
+        out.extend_from_slice(last);
+        out.extend_from_slice(b"\r\n");
+    };
+    extended(out, "x-forwarded-for", client.as_bytes());
+    out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    let received: &[u8] = match head.version {
+        Version::HTTP_2 => b"2 lbwasm",
+        Version::HTTP_10 => b"1.0 lbwasm",
+        _ => b"1.1 lbwasm",
+    };
+    extended(out, "via", received);
+    if head.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    if let Some(n) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(n.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    } else if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if head.method == Method::POST || head.method == Method::PUT {
+        // An empty body still says so: some servers wait for a body otherwise.
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// The listener's hash key for this request; none when not configured or absent.
-pub(crate) fn hash_key(key: Option<&HashKey>, parts: &Parts, client: IpAddr) -> Option<String> {
+pub(crate) fn hash_key(key: Option<&HashKey>, head: &ReqHead, client: IpAddr) -> Option<String> {
     match key? {
-        HashKey::Header(name) => parts
-            .headers
-            .get(name.as_str())
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        HashKey::Cookie(name) => cookie(&parts.headers, name),
+        HashKey::Header(name) => head
+            .fields
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned()),
+        HashKey::Cookie(name) => cookie(&head.fields, name),
         HashKey::Path => Some(
-            parts
-                .uri
+            head.uri
                 .path_and_query()
                 .map_or("/", |pq| pq.as_str())
                 .to_string(),
@@ -340,13 +406,12 @@ pub(crate) fn hash_key(key: Option<&HashKey>, parts: &Parts, client: IpAddr) -> 
     }
 }
 
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+fn cookie(fields: &Fields, name: &str) -> Option<String> {
+    fields
+        .get_all("cookie")
+        .flat_map(|v| v.split(|&b| b == b';'))
         .find_map(|pair| {
+            let pair = std::str::from_utf8(pair).ok()?;
             let (k, v) = pair.trim().split_once('=')?;
             (k == name).then(|| v.trim_matches('"').to_string())
         })
@@ -357,13 +422,33 @@ mod tests {
     use super::*;
     use http::Request;
 
-    fn parts(req: Request<()>) -> Parts {
-        req.into_parts().0
+    fn head(req: Request<()>) -> ReqHead {
+        ReqHead::from_parts(req.into_parts().0)
+    }
+
+    /// The head as a backend gets it, and its field lines after the request line.
+    fn encoded(head: &ReqHead, client: &str) -> (String, Vec<String>) {
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            head,
+            &client_value(client.parse().unwrap()),
+            None,
+            false,
+        );
+        let text = String::from_utf8(out).unwrap();
+        let lines = text
+            .lines()
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        (text, lines)
     }
 
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_stripped() {
-        let mut p = parts(
+        let mut h = head(
             Request::get("/x")
                 .header("connection", "keep-alive, x-secret")
                 .header("keep-alive", "timeout=5")
@@ -374,13 +459,17 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        prepare_request(&mut p, &client_value("10.0.0.1".parse().unwrap()), false);
-        let names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        prepare_request(&mut h);
+        let (_, lines) = encoded(&h, "10.0.0.1");
         assert_eq!(
-            names,
-            vec!["x-kept", "x-forwarded-for", "x-forwarded-proto", "via"]
+            lines,
+            [
+                "x-kept: 1",
+                "x-forwarded-for: 10.0.0.1",
+                "x-forwarded-proto: http",
+                "via: 1.1 lbwasm"
+            ]
         );
-        assert_eq!(p.headers["via"], "1.1 lbwasm");
     }
 
     #[test]
@@ -404,7 +493,7 @@ mod tests {
             .collect();
         let kept = |skip: HopByHop| -> Vec<&str> {
             (0..raw.len())
-                .filter(|i| skip.0 & (1 << i) == 0)
+                .filter(|&i| !skip.skips(i))
                 .map(|i| raw[i].0)
                 .collect()
         };
@@ -418,52 +507,97 @@ mod tests {
 
     #[test]
     fn forwarding_headers_append() {
-        let mut p = parts(
+        let mut h = head(
             Request::get("/")
                 .header("x-forwarded-for", "1.2.3.4")
+                .header("x-forwarded-for", "5.6.7.8")
+                .header("x-forwarded-proto", "https")
                 .header("via", "1.0 edge")
                 .body(())
                 .unwrap(),
         );
-        prepare_request(&mut p, &client_value("10.0.0.1".parse().unwrap()), false);
-        assert_eq!(p.headers["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
-        assert_eq!(p.headers["x-forwarded-proto"], "http");
-        assert_eq!(p.headers["via"], "1.0 edge, 1.1 lbwasm");
+        prepare_request(&mut h);
+        let (_, lines) = encoded(&h, "10.0.0.1");
+        assert_eq!(
+            lines,
+            [
+                "x-forwarded-for: 1.2.3.4, 5.6.7.8, 10.0.0.1",
+                "x-forwarded-proto: http",
+                "via: 1.0 edge, 1.1 lbwasm"
+            ]
+        );
+    }
+
+    #[test]
+    fn heads_are_encoded_with_the_body_framing() {
+        let h = head(
+            Request::post("/a?b=1")
+                .header("host", "x")
+                .header("content-length", "999")
+                .header("expect", "100-continue")
+                .body(())
+                .unwrap(),
+        );
+        let client = client_value("10.0.0.1".parse().unwrap());
+        let mut out = Vec::new();
+        encode_request(&mut out, &h, &client, Some(3), false);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 10.0.0.1\r\n\
+             x-forwarded-proto: http\r\nvia: 1.1 lbwasm\r\ncontent-length: 3\r\n\r\n"
+        );
+        encode_request(&mut out, &h, &client, None, true);
+        assert!(
+            String::from_utf8(out.clone())
+                .unwrap()
+                .ends_with("transfer-encoding: chunked\r\n\r\n")
+        );
+        encode_request(&mut out, &h, &client, None, false);
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .ends_with("content-length: 0\r\n\r\n")
+        );
     }
 
     #[test]
     fn h2_requests_become_origin_form_with_a_host() {
-        let mut p = parts(
+        let mut h = head(
             Request::get("http://example.test:8080/a?b=1")
                 .version(Version::HTTP_2)
                 .body(())
                 .unwrap(),
         );
-        prepare_request(&mut p, &client_value("::1".parse().unwrap()), false);
-        assert_eq!(p.uri, "/a?b=1");
-        assert_eq!(p.headers["host"], "example.test:8080");
-        assert_eq!(p.version, Version::HTTP_11);
-        assert_eq!(p.headers["via"], "2 lbwasm");
+        prepare_request(&mut h);
+        assert_eq!(h.uri, "/a?b=1");
+        let (text, lines) = encoded(&h, "::1");
+        assert!(text.starts_with("GET /a?b=1 HTTP/1.1\r\n"), "{text}");
+        assert_eq!(lines[0], "host: example.test:8080");
+        assert_eq!(lines[3], "via: 2 lbwasm");
     }
 
     #[test]
     fn upgrades_keep_their_headers() {
-        let mut p = parts(
+        let mut h = head(
             Request::get("/ws")
                 .header("connection", "Upgrade")
                 .header("upgrade", "websocket")
                 .body(())
                 .unwrap(),
         );
-        assert!(wants_upgrade(p.version, &p.headers));
-        prepare_request(&mut p, &client_value("10.0.0.1".parse().unwrap()), true);
-        assert_eq!(p.headers["upgrade"], "websocket");
-        assert_eq!(p.headers["connection"], "upgrade");
+        let fields: Vec<_> = h.fields.iter().collect();
+        assert!(wants_upgrade(h.version, fields.iter().copied()));
+        h.upgrade = true;
+        prepare_request(&mut h);
+        let (_, lines) = encoded(&h, "10.0.0.1");
+        assert_eq!(lines[0], "upgrade: websocket");
+        assert_eq!(lines[4], "connection: upgrade");
+        assert_eq!(lines.len(), 5);
     }
 
     #[test]
     fn hash_keys_resolve() {
-        let p = parts(
+        let h = head(
             Request::get("/p?q")
                 .header("x-user", "42")
                 .header("cookie", "a=1; sid=\"xyz\"")
@@ -472,21 +606,21 @@ mod tests {
         );
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         assert_eq!(
-            hash_key(Some(&HashKey::Header("x-user".into())), &p, ip).as_deref(),
+            hash_key(Some(&HashKey::Header("X-User".into())), &h, ip).as_deref(),
             Some("42")
         );
         assert_eq!(
-            hash_key(Some(&HashKey::Cookie("sid".into())), &p, ip).as_deref(),
+            hash_key(Some(&HashKey::Cookie("sid".into())), &h, ip).as_deref(),
             Some("xyz")
         );
         assert_eq!(
-            hash_key(Some(&HashKey::Path), &p, ip).as_deref(),
+            hash_key(Some(&HashKey::Path), &h, ip).as_deref(),
             Some("/p?q")
         );
         assert_eq!(
-            hash_key(Some(&HashKey::ClientIp), &p, ip).as_deref(),
+            hash_key(Some(&HashKey::ClientIp), &h, ip).as_deref(),
             Some("10.0.0.1")
         );
-        assert_eq!(hash_key(None, &p, ip), None);
+        assert_eq!(hash_key(None, &h, ip), None);
     }
 }

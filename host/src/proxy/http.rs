@@ -17,8 +17,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -26,9 +26,11 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::body::{BackendBody, Framing, ReqBody, ResBody};
-use super::client::{BackendConn, ConnectError, SendError};
+use super::client::{BackendConn, BackendHead, ConnectError, SendError};
+use super::h1;
+use super::headers::{self, ReqHead};
 use super::worker::{Drain, LocalListener, NoBackend, Tried};
-use super::{h1, headers};
+use crate::fields::Fields;
 use crate::plugin::{Protocol, RequestInfo};
 use crate::pool::InFlight;
 
@@ -69,11 +71,11 @@ pub(super) async fn serve(
             async move {
                 let (parts, body) = req.into_parts();
                 // Streams run concurrently: each gets its own timer.
-                let mut res = ctx
-                    .exchange(parts, Some(ReqBody::H2(body)), false, None)
+                let mut reply = ctx
+                    .exchange(ReqHead::from_parts(parts), Some(ReqBody::H2(body)), None)
                     .await;
-                res.body_mut().attach(busy);
-                Ok::<_, Infallible>(res)
+                reply.body.attach(busy);
+                Ok::<_, Infallible>(reply.into_response())
             }
         })
     };
@@ -198,7 +200,7 @@ impl Failure {
         }
     }
 
-    fn response(&self) -> Response<ResBody> {
+    fn response(&self) -> Reply {
         ConnCtx::text(self.status(), self.to_string())
     }
 }
@@ -256,11 +258,14 @@ fn idempotent(m: &Method) -> bool {
 
 impl ConnCtx {
     /// The proxy's own answer: `<code> <cause>` on one line.
-    pub(super) fn text(status: StatusCode, cause: String) -> Response<ResBody> {
-        let mut res = Response::new(ResBody::text(format!("{} {cause}\n", status.as_u16())));
-        *res.status_mut() = status;
-        res.headers_mut().insert(header::CONTENT_TYPE, TEXT);
-        res
+    pub(super) fn text(status: StatusCode, cause: String) -> Reply {
+        let mut fields = HeaderMap::with_capacity(1);
+        fields.insert(header::CONTENT_TYPE, TEXT);
+        Reply {
+            status,
+            fields: Fields::Map(fields),
+            body: ResBody::text(format!("{} {cause}\n", status.as_u16())),
+        }
     }
 
     /// The client's address.
@@ -274,19 +279,18 @@ impl ConnCtx {
     /// request timer, when it carries one request at a time (see [`within`]).
     pub(super) async fn exchange(
         &self,
-        parts: http::request::Parts,
+        head: ReqHead,
         body: Option<ReqBody>,
-        upgrade: bool,
         timer: Option<Pin<&mut Sleep>>,
-    ) -> Response<ResBody> {
+    ) -> Reply {
         let start = Instant::now();
-        let (res, backend, answered) = self.forward(parts, body, upgrade, start, timer).await;
+        let (res, backend, answered) = self.forward(head, body, start, timer).await;
         let local = &self.local;
         let done = answered.unwrap_or_else(Instant::now);
         local.metrics.record(
             local.shared.index,
             backend,
-            res.status().as_u16(),
+            res.status.as_u16(),
             done.saturating_duration_since(start),
         );
         res
@@ -296,24 +300,23 @@ impl ConnCtx {
     /// last, and when the response head arrived (none for the proxy's own answers).
     async fn forward(
         &self,
-        mut parts: http::request::Parts,
+        mut head: ReqHead,
         mut body: Option<ReqBody>,
-        upgrade: bool,
         arrived: Instant,
         mut timer: Option<Pin<&mut Sleep>>,
-    ) -> (Response<ResBody>, Option<SocketAddr>, Option<Instant>) {
+    ) -> (Reply, Option<SocketAddr>, Option<Instant>) {
         let local = &self.local;
         let shared = &local.shared;
         let (view, settings) = local.state();
-        let client_version = parts.version;
-        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &parts, self.peer.ip());
-        headers::prepare_request(&mut parts, &self.client, upgrade);
-        let head_only = parts.method == Method::HEAD;
+        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &head, self.peer.ip());
+        headers::prepare_request(&mut head);
+        let upgrade = head.upgrade;
+        let head_only = head.method == Method::HEAD;
         // `body` is taken by the first exchange that sends it. Sent and failed, the request
         // may go again: the head is still here (the client only borrows it), and there is
         // no body to have lost.
         let replayable = !upgrade
-            && idempotent(&parts.method)
+            && idempotent(&head.method)
             && body.as_ref().is_none_or(ReqBody::is_end_stream);
         let attempts = settings.retry.attempts.max(1);
         local.budget.deposit(settings.retry.budget_percent);
@@ -342,13 +345,13 @@ impl ConnCtx {
             }
             // The plugin reads the request's method, URI and headers: lent, not copied.
             info.attempt = attempt;
-            info.method = std::mem::take(&mut parts.method);
-            info.uri = std::mem::take(&mut parts.uri);
-            std::mem::swap(&mut info.headers, &mut parts.headers);
+            info.method = std::mem::take(&mut head.method);
+            info.uri = std::mem::take(&mut head.uri);
+            std::mem::swap(&mut info.headers, &mut head.fields);
             let pick = local.choose(&view, &mut info, tried.as_slice());
-            parts.method = std::mem::take(&mut info.method);
-            parts.uri = std::mem::take(&mut info.uri);
-            std::mem::swap(&mut info.headers, &mut parts.headers);
+            head.method = std::mem::take(&mut info.method);
+            head.uri = std::mem::take(&mut info.uri);
+            std::mem::swap(&mut info.headers, &mut head.fields);
             let index = match pick {
                 Ok(i) => i,
                 Err(why) if attempt == 0 => {
@@ -398,7 +401,7 @@ impl ConnCtx {
                 };
                 let sent = within(
                     settings.timeouts.request,
-                    conn.conn.send(&parts, &mut body, head_only),
+                    conn.conn.send(&head, &self.client, &mut body, head_only),
                     timer.as_mut().map(|t| t.as_mut()),
                 )
                 .await;
@@ -409,15 +412,8 @@ impl ConnCtx {
                         if guard.answered(ok, at, passive) {
                             shared.eject(backend.clone());
                         }
-                        let res = self.respond(
-                            head,
-                            framing,
-                            conn.conn,
-                            guard,
-                            backend.id,
-                            client_version,
-                            upgrade,
-                        );
+                        let res =
+                            self.respond(head, framing, conn.conn, guard, backend.id, upgrade);
                         return (res, Some(backend.addr), Some(at));
                     }
                     Some(Err(e)) => {
@@ -460,18 +456,16 @@ impl ConnCtx {
 
     /// The backend's response, fit for the client; a protocol switch the client asked for
     /// hands the backend connection over in the body.
-    #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
-        mut parts: http::response::Parts,
+        head: BackendHead,
         framing: Framing,
         conn: BackendConn,
         guard: InFlight,
         backend: u32,
-        client_version: Version,
         upgrade: bool,
-    ) -> Response<ResBody> {
-        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    ) -> Reply {
+        let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
         if switching && !upgrade {
             // A switch nobody asked for: the connection now speaks something else.
             drop(conn);
@@ -480,17 +474,8 @@ impl ConnCtx {
                 "backend switched protocols unasked".into(),
             );
         }
-        // Hop-by-hop headers were left out as the head was parsed (Upgrade kept for a switch).
-        if switching {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        parts.version = if client_version == Version::HTTP_2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
+        // Hop-by-hop headers were left out as the head was parsed (Upgrade kept for a
+        // switch, whose `Connection: upgrade` the HTTP/1.1 server writes).
         let body = if switching {
             ResBody::switch(conn, guard)
         } else {
@@ -499,6 +484,39 @@ impl ConnCtx {
                 guard,
             )
         };
-        Response::from_parts(parts, body)
+        Reply {
+            status: head.status,
+            fields: Fields::Raw(head.fields),
+            body,
+        }
+    }
+}
+
+/// A response as the proxy sends it to its client: a backend's head and body, or the
+/// proxy's own answer. HTTP/1.1 clients get the backend's fields copied as they came;
+/// HTTP/2 ones get them as a map ([`Reply::into_response`]).
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) fields: Fields,
+    pub(crate) body: ResBody,
+}
+
+impl Reply {
+    /// The response for hyper (HTTP/2 clients). A field the `http` crate refuses (httparse
+    /// is a little more lenient with values) makes it a 502.
+    pub(crate) fn into_response(self) -> Response<ResBody> {
+        match self.fields.into_map() {
+            Ok(headers) => {
+                let mut res = Response::new(self.body);
+                *res.status_mut() = self.status;
+                *res.headers_mut() = headers;
+                res
+            }
+            Err(why) => ConnCtx::text(
+                StatusCode::BAD_GATEWAY,
+                format!("backend sent an unusable head: {why}"),
+            )
+            .into_response(),
+        }
     }
 }

@@ -1,0 +1,126 @@
+//! Header fields as the proxy carries them: raw, as an HTTP/1.1 peer sent them, or as a
+//! map. Requests (which plugins read) and responses use the same type.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::proxy::headers::{HopByHop, Span};
+
+/// A message's header fields as they arrived, less the hop-by-hop ones: the head's bytes
+/// and where each field lies in them. HTTP/1.1 to HTTP/1.1 they are copied out as they are;
+/// a [`HeaderMap`] (a hash and a validation per field, two allocations, a drop) is built
+/// only where one is needed, for HTTP/2. That map was the largest user-space item of a
+/// proxied request.
+#[derive(Clone, Debug, Default)]
+pub struct RawFields {
+    head: Bytes,
+    spans: Vec<Span>,
+}
+
+impl RawFields {
+    /// The fields at `spans` in `head`, less those `skip` marks.
+    pub(crate) fn new(head: Bytes, spans: &[Span], skip: HopByHop) -> Self {
+        let kept = spans
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !skip.skips(i))
+            .map(|(_, s)| *s);
+        RawFields {
+            spans: kept.collect(),
+            head,
+        }
+    }
+
+    /// Every field, in order, as (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+        self.spans.iter().map(|&(ns, ne, vs, ve)| {
+            (
+                &self.head[ns as usize..ne as usize],
+                &self.head[vs as usize..ve as usize],
+            )
+        })
+    }
+
+    /// The values of the fields called `name` (case-insensitive), in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The map of these fields; values share the head's buffer.
+    pub fn to_map(&self) -> Result<HeaderMap, String> {
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for &(ns, ne, vs, ve) in &self.spans {
+            let raw = &self.head[ns as usize..ne as usize];
+            let name = HeaderName::from_bytes(raw)
+                .map_err(|_| format!("header name {:?}", String::from_utf8_lossy(raw)))?;
+            let value = HeaderValue::from_maybe_shared(self.head.slice(vs as usize..ve as usize))
+                .map_err(|_| format!("value of header {name}"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+/// Header fields either as received from an HTTP/1.1 peer ([`RawFields`]), or as a map
+/// (HTTP/2 from hyper, and the proxy's own answers).
+#[derive(Debug)]
+pub enum Fields {
+    /// As an HTTP/1.1 peer sent them.
+    Raw(RawFields),
+    /// As a map.
+    Map(HeaderMap),
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields::Map(HeaderMap::new())
+    }
+}
+
+impl Fields {
+    /// Every field, in order, as (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let (raw, map) = match self {
+            Fields::Raw(r) => (Some(r.iter()), None),
+            Fields::Map(m) => (
+                None,
+                Some(m.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))),
+            ),
+        };
+        raw.into_iter().flatten().chain(map.into_iter().flatten())
+    }
+
+    /// The values of the fields called `name` (case-insensitive), in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The first value of the field called `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        match self {
+            Fields::Raw(r) => r
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v),
+            Fields::Map(m) => m.get(name).map(HeaderValue::as_bytes),
+        }
+    }
+
+    /// The fields as a map (built from raw ones).
+    pub fn into_map(self) -> Result<HeaderMap, String> {
+        match self {
+            Fields::Raw(r) => r.to_map(),
+            Fields::Map(m) => Ok(m),
+        }
+    }
+}
+
+impl From<HeaderMap> for Fields {
+    fn from(map: HeaderMap) -> Self {
+        Fields::Map(map)
+    }
+}
