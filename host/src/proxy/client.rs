@@ -6,7 +6,7 @@
 //! ([`super::body::BackendBody`]). hyper's client runs a task per connection and hands
 //! requests, responses and every body chunk across channels, which cost several task
 //! wake-ups per request; measured on this path, that was most of the proxy's user time.
-//! The head is serialised from a borrowed `Parts`, so a failed bodiless request can be sent
+//! The head is serialised from a borrowed [`ReqHead`], so a failed bodiless request can be sent
 //! again without having been copied.
 //!
 //! The pool is owned by one worker thread: a checkout is a `RefCell` borrow. An idle
