@@ -287,6 +287,90 @@ async fn every_builtin_plugin_serves_through_the_proxy() {
     .await;
 }
 
+/// The balancing reads request fields as the client sent them (the proxy forwards HTTP/1.1
+/// fields unparsed): the listener's hash key and a plugin's `header()` call find them
+/// whatever the case of their names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_fields_steer_the_hash_key_and_plugins() {
+    bounded(async {
+        let bs = spawn_backends(3).await;
+        let c = client();
+        let server = start(
+            "consistent_hash",
+            &addrs(&bs),
+            "hash_key = \"header:x-user\"",
+            "",
+        );
+        let addr = server.listen_addrs()[0];
+        let url = format!("http://{addr}/h");
+        let mut owner: HashMap<String, String> = HashMap::new();
+        for round in 0..3 {
+            for u in 0..30 {
+                let user = format!("u{u}");
+                let r = send(
+                    &c,
+                    Method::GET,
+                    url.clone(),
+                    &[("x-user", &user)],
+                    Bytes::new(),
+                )
+                .await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+                let by = r.served_by();
+                let first = owner.entry(user.clone()).or_insert_with(|| by.clone());
+                assert_eq!(
+                    *first, by,
+                    "{user} moved to another backend in round {round}"
+                );
+            }
+        }
+        let used: std::collections::HashSet<&String> = owner.values().collect();
+        assert_eq!(used.len(), 3, "30 users over 3 backends: {owner:?}");
+        let reply = raw_exchange(
+            addr,
+            b"GET /h HTTP/1.1\r\nHost: t\r\nX-USER: u7\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .to_ascii_lowercase();
+        let expected = format!("x-served-by: {}\r\n", owner["u7"].to_ascii_lowercase());
+        assert!(
+            reply.contains(&expected),
+            "u7 belongs on {}: {reply}",
+            owner["u7"]
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+
+        // The example plugin sends `x-canary: always` to its canary, whoever asks.
+        let plugin = Path::new(env!("LBWASM_WASM_DIR")).join("sticky_canary.wasm");
+        let server = start(
+            plugin.to_str().expect("utf-8 path"),
+            &addrs(&bs),
+            "",
+            &format!(
+                "[listener.plugin_options]\ncanary = \"{}\"\npercent = \"0\"\n",
+                bs[2].addr()
+            ),
+        );
+        let addr = server.listen_addrs()[0];
+        for i in 0..6 {
+            let forced = i % 2 == 0;
+            let raw = format!(
+                "GET /c/{i} HTTP/1.1\r\nHost: t\r\nX-User: u{i}\r\n{}Connection: close\r\n\r\n",
+                if forced { "X-Canary: Always\r\n" } else { "" }
+            );
+            let reply = raw_exchange(addr, raw.as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+            let on_canary = reply.to_ascii_lowercase().contains(&format!(
+                "x-served-by: {}\r\n",
+                bs[2].id().to_ascii_lowercase()
+            ));
+            assert_eq!(on_canary, forced, "request {i}: {reply}");
+        }
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_requests_are_proxied() {
     bounded(async {
