@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::proxy::headers::{HopByHop, Span};
+/// Where one field's name and value lie in a head's buffer: name start and end, value
+/// start and end.
+pub(crate) type Span = (u32, u32, u32, u32);
 
 /// A message's header fields as they arrived, less the hop-by-hop ones: the head's bytes
 /// and where each field lies in them. HTTP/1.1 to HTTP/1.1 they are copied out as they are;
@@ -18,17 +20,9 @@ pub struct RawFields {
 }
 
 impl RawFields {
-    /// The fields at `spans` in `head`, less those `skip` marks.
-    pub(crate) fn new(head: Bytes, spans: &[Span], skip: HopByHop) -> Self {
-        let kept = spans
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| !skip.skips(i))
-            .map(|(_, s)| *s);
-        RawFields {
-            spans: kept.collect(),
-            head,
-        }
+    /// The fields at `spans` in `head` (the hop-by-hop ones already left out).
+    pub(crate) fn new(head: Bytes, spans: Vec<Span>) -> Self {
+        RawFields { head, spans }
     }
 
     /// Every field, in order, as (name, value).
@@ -39,13 +33,6 @@ impl RawFields {
                 &self.head[vs as usize..ve as usize],
             )
         })
-    }
-
-    /// The values of the fields called `name` (case-insensitive), in order.
-    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
     }
 
     /// The map of these fields; values share the head's buffer.

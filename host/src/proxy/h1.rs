@@ -342,7 +342,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, Reject> {
             method,
             uri,
             version,
-            fields: Fields::Raw(RawFields::new(head, spans, hop)),
+            fields: Fields::Raw(RawFields::new(head, hop.keep(spans))),
             upgrade,
         },
         body,
@@ -740,6 +740,29 @@ mod tests {
 
     fn parse(raw: &str) -> Result<Option<Head>, Reject> {
         parse_request(&mut BytesMut::from(raw.as_bytes()))
+    }
+
+    #[test]
+    fn raw_fields_go_on_as_sent_less_hop_by_hop_ones() {
+        let head = parse(
+            "GET http://example.test:81/a?b HTTP/1.0\r\nX-Kept: 1\r\nConnection: keep-alive, X-Gone\r\n\
+             X-Gone: 2\r\nKeep-Alive: timeout=5\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(head.keep_alive);
+        let mut req = head.req;
+        assert!(matches!(req.fields, Fields::Raw(_)));
+        // Absolute form without a Host: the target's authority becomes one.
+        headers::prepare_request(&mut req);
+        let mut out = Vec::new();
+        let client = headers::client_value("10.0.0.1".parse().unwrap());
+        headers::encode_request(&mut out, &req, &client, None, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a?b HTTP/1.1\r\nx-kept: 1\r\nhost: example.test:81\r\n\
+             x-forwarded-for: 10.0.0.1\r\nx-forwarded-proto: http\r\nvia: 1.0 lbwasm\r\n\r\n"
+        );
     }
 
     fn refused(raw: &str) -> (u16, String) {

@@ -125,8 +125,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// The most headers a request or response head may have.
 pub(crate) const MAX_HEADERS: usize = 128;
 
-/// Where one header's name and value lie in a head's buffer.
-pub(crate) type Span = (u32, u32, u32, u32);
+pub(crate) use crate::fields::Span;
 
 /// Storage for a head's [`spans`], left uninitialised (a 2 KiB memset per head showed in
 /// profiles; so did returning it by value).
@@ -171,6 +170,12 @@ impl HopByHop {
     /// Whether the field at `index` is hop-by-hop.
     pub(crate) fn skips(&self, index: usize) -> bool {
         self.0 & (1 << index) != 0
+    }
+
+    /// The `spans` of the fields that are not hop-by-hop.
+    pub(crate) fn keep(&self, spans: &[Span]) -> Vec<Span> {
+        let kept = spans.iter().enumerate().filter(|&(i, _)| !self.skips(i));
+        kept.map(|(_, s)| *s).collect()
     }
 
     /// Marks the hop-by-hop headers of `parsed`; with `keep_upgrade` (a protocol switch)
@@ -288,14 +293,17 @@ pub(crate) fn prepare_request(head: &mut ReqHead) {
             && let Ok(v) = HeaderValue::from_str(auth.as_str())
         {
             // HTTP/2, or an absolute-form HTTP/1.0 request without one: rare enough for a map.
-            let fields = std::mem::take(&mut head.fields);
-            head.fields = match fields.into_map() {
-                Ok(mut map) => {
-                    map.insert(header::HOST, v);
-                    Fields::Map(map)
-                }
-                Err(_) => Fields::default(),
+            // A raw field the map refuses keeps the fields raw, without the `Host`.
+            let map = match &head.fields {
+                Fields::Raw(raw) => raw.to_map().ok(),
+                Fields::Map(_) => None,
             };
+            if let Some(map) = map {
+                head.fields = Fields::Map(map);
+            }
+            if let Fields::Map(map) = &mut head.fields {
+                map.insert(header::HOST, v);
+            }
         }
         let origin = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
         if let Ok(uri) = origin.parse::<Uri>() {

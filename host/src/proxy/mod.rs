@@ -25,7 +25,7 @@ mod body;
 mod budget;
 mod client;
 mod h1;
-pub(crate) mod headers;
+mod headers;
 mod http;
 mod sock;
 mod tcp;
