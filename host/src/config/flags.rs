@@ -45,7 +45,7 @@ pub struct ServeArgs {
         value_name = "TOKEN"
     )]
     pub admin_token: Option<String>,
-    /// Worker threads; 0 means one per CPU (the default).
+    /// Worker threads; 0 means one per CPU less one, at least 1 (the default).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// What hashing plugins hash: header:NAME, cookie:NAME, path or client-ip.

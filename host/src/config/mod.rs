@@ -12,7 +12,7 @@
 //! The file format, every key with its default, is `examples/lbwasm.toml`. In brief:
 //!
 //! ```toml
-//! workers = 0                          # 0 = one per CPU
+//! workers = 0                          # 0 = one per CPU, less one (at least 1)
 //! [admin]                              # optional: listen, token, allow_remote
 //! [[listener]]                         # one or more: name, listen, protocol, plugin, hash_key
 //! [listener.plugin_options]            # key = string | integer | float | boolean
@@ -57,7 +57,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Worker threads, each with its own plugin instances. `workers = 0` in the file (the
-    /// default) is resolved to the number of CPUs, so this is always >= 1.
+    /// default) is resolved to the number of CPUs less one, and is always >= 1.
     pub workers: usize,
     /// The admin endpoint (metrics, pool state); none unless configured.
     pub admin: Option<AdminConfig>,

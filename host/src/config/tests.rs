@@ -90,9 +90,16 @@ fn full_example_sets_every_section() {
 }
 
 #[test]
+fn automatic_workers_leave_a_cpu_to_the_rest_of_the_box() {
+    let counts: Vec<usize> = (0..=4).chain([64]).map(build::auto_workers).collect();
+    assert_eq!(counts, [1, 1, 1, 2, 3, 63]);
+}
+
+#[test]
 fn defaults() {
     let config = parse(&BASE).expect("valid");
-    assert!(config.workers >= 1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(config.workers, build::auto_workers(cpus));
     assert_eq!(config.admin, None);
     assert_eq!(config.source, Some(PathBuf::from("lbwasm.toml")));
     let l = &config.listeners[0];
