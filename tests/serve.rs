@@ -1678,3 +1678,140 @@ async fn a_backend_that_does_not_answer_in_time_gives_a_504() {
     })
     .await;
 }
+
+/// The lines of `path` (none yet: empty).
+fn log_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_record_requests_and_connections_and_reopen_on_sighup() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let mut tcp = Vec::new();
+        for _ in 0..2 {
+            let mut cfg = BackendConfig::new(0);
+            cfg.protocol = backend::Protocol::Tcp;
+            tcp.push(backend::spawn(cfg).await.expect("tcp backend"));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (web_log, tcp_log) = (dir.path().join("access.log"), dir.path().join("tcp.log"));
+        // Relative paths: next to the configuration file.
+        let text = format!(
+            "workers = 2\n{}{}",
+            listener("web", "round_robin", &addrs(&bs), "access_log = \"access.log\"", ""),
+            listener(
+                "raw",
+                "round_robin",
+                &addrs(&tcp),
+                "protocol = \"tcp\"\naccess_log = \"tcp.log\"",
+                ""
+            ),
+        );
+        let path = dir.path().join("lbwasm.toml");
+        std::fs::write(&path, text).expect("write config");
+        let mut child = lbwasm()
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start lbwasm");
+        let stdout = child.stdout.take().expect("stdout");
+        let child = Reaped(child);
+        let listening: Vec<SocketAddr> = tokio::task::spawn_blocking(move || {
+            StdBufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| l.strip_prefix("lbwasm listening on ")?.parse().ok())
+                .take(2)
+                .collect()
+        })
+        .await
+        .expect("join");
+        let (web, raw) = (listening[0], listening[1]);
+        let backends: Vec<String> = bs.iter().map(|b| b.addr().to_string()).collect();
+
+        let c = client();
+        let r = send(
+            &c,
+            Method::GET,
+            format!("http://{web}/a?x=1"),
+            &[("user-agent", "probe \"quoted\""), ("referer", "http://r/")],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let body_len = r.body.len();
+        let refused = raw_exchange(web, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+        let mut s = TcpStream::connect(raw).await.expect("connect");
+        s.write_all(b"PING\n").await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut pong = String::new();
+        s.read_to_string(&mut pong).await.expect("read");
+        assert!(pong.starts_with("PONG "), "{pong:?}");
+
+        // Lines are written within a second.
+        eventually("two HTTP lines", || async { log_lines(&web_log).len() == 2 }).await;
+        eventually("a TCP line", || async { log_lines(&tcp_log).len() == 1 }).await;
+        let lines = log_lines(&web_log);
+        let line = lines.iter().find(|l| l.contains("\"GET /a")).expect("GET line");
+        assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+        let expected = format!(
+            "+0000] \"GET /a?x=1 HTTP/1.1\" 200 {body_len} \"http://r/\" \"probe \\x22quoted\\x22\" \""
+        );
+        assert!(line.contains(&expected), "{line}\nlacks {expected}");
+        let fields: Vec<&str> = line.rsplitn(3, ' ').collect();
+        assert_eq!(fields[0], "1", "one attempt: {line}");
+        assert!(fields[1].parse::<f64>().is_ok(), "seconds: {line}");
+        assert!(
+            backends.iter().any(|b| fields[2].ends_with(&format!("\"{b}\""))),
+            "backend of {line}"
+        );
+        let bad = lines.iter().find(|l| !l.contains("\"GET /a")).expect("400 line");
+        // No request line, referer, user agent or backend; no attempt.
+        assert!(bad.contains("] \"-\" 400 "), "{bad}");
+        assert!(bad.contains(" \"-\" \"-\" \"-\" ") && bad.ends_with(" 0"), "{bad}");
+        let tcp_line = &log_lines(&tcp_log)[0];
+        let tail: Vec<&str> = tcp_line.rsplitn(4, ' ').collect();
+        assert!(tcp_line.contains("\"TCP\" 200 "), "{tcp_line}");
+        assert_eq!((tail[0], tail[1]), ("5", "1"), "5 bytes from the client, 1 attempt: {tcp_line}");
+        assert!(
+            tcp.iter().any(|b| tail[3].ends_with(&format!("\"{}\"", b.addr()))),
+            "{tcp_line}"
+        );
+
+        // logrotate: rename, then SIGHUP; later lines go to a new file of the old name.
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&web_log, &rotated).expect("rename");
+        let pid = i32::try_from(child.0.id()).expect("pid");
+        // SAFETY: signalling our own child by its PID.
+        unsafe {
+            libc::kill(pid, libc::SIGHUP);
+        }
+        eventually("the log reopened", || async { web_log.exists() }).await;
+        let r = get(&c, web, "/after").await;
+        assert_eq!(r.status, StatusCode::OK);
+        eventually("a line in the new file", || async {
+            log_lines(&web_log).iter().any(|l| l.contains("\"GET /after HTTP/1.1\" 200 "))
+        })
+        .await;
+        assert_eq!(log_lines(&rotated).len(), 2, "the rotated file is left alone");
+        drop(c);
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let mut child = child;
+        let status = tokio::task::spawn_blocking(move || (child.0.wait(), child))
+            .await
+            .expect("join")
+            .0
+            .expect("wait");
+        assert!(status.success(), "{status:?}");
+    })
+    .await;
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::tree::{Ctx, Field, Origin, Section, Table, place};
 use super::{
-    AdminConfig, BackendConfig, Config, ConfigError, HashKey, HealthCheck, HealthKind,
-    ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, Retry, Timeouts,
+    AccessLogTarget, AdminConfig, BackendConfig, Config, ConfigError, HashKey, HealthCheck,
+    HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, Retry, Timeouts,
 };
 
 const ROOT_KEYS: &[&str] = &["workers", "admin", "listener"];
@@ -24,6 +24,7 @@ const LISTENER_KEYS: &[&str] = &[
     "plugin",
     "plugin_options",
     "hash_key",
+    "access_log",
     "timeouts",
     "retry",
     "health",
@@ -194,6 +195,7 @@ fn listener(
         None => Vec::new(),
     };
     let hash_key = s.opt("hash_key", |f| hash_key(f, protocol))?;
+    let access_log = s.opt("access_log", |f| access_log(f, cx))?;
     let timeouts = match s.section("timeouts", TIMEOUT_KEYS)? {
         Some(t) => timeouts(&t)?,
         None => Timeouts::default(),
@@ -254,6 +256,7 @@ fn listener(
         plugin,
         plugin_options,
         hash_key,
+        access_log,
         timeouts,
         retry,
         health,
@@ -282,6 +285,27 @@ fn protocol(f: &Field<'_>) -> Result<Protocol, ConfigError> {
         "tcp" => Ok(Protocol::Tcp),
         _ => Err(f.expected("\"http\" or \"tcp\"")),
     }
+}
+
+/// `-` is standard output; anything else a file, relative to the config file's directory
+/// when it came from one.
+fn access_log(f: &Field<'_>, cx: &Ctx) -> Result<AccessLogTarget, ConfigError> {
+    let text = f.str()?;
+    if text == "-" {
+        return Ok(AccessLogTarget::Stdout);
+    }
+    if text.trim().is_empty() {
+        return Err(f.expected("a file path, or \"-\" for standard output"));
+    }
+    let path = PathBuf::from(text);
+    let base = match f.node.at {
+        Origin::Line(_) => cx.source().and_then(Path::parent),
+        Origin::Flag(_) => None,
+    };
+    Ok(AccessLogTarget::File(match base {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    }))
 }
 
 /// A `.wasm` name or a path is a file (relative to the config file when it came from one);

@@ -8,7 +8,7 @@ use super::{Config, ConfigError, build};
 /// Run the proxy, configured by a TOML file (`--config`), by flags, or by both.
 ///
 /// With `--config`, the listener flags (`--listen`, `--backends`, `--plugin`,
-/// `--plugin-opt`, `--protocol`, `--hash-key`) override the file's first `[[listener]]`
+/// `--plugin-opt`, `--protocol`, `--hash-key`, `--access-log`) override the file's first `[[listener]]`
 /// (or create it when the file has none), `--admin`/`--admin-token` override `[admin]`, and
 /// `--workers` overrides `workers`. `--backends` replaces the file's `[[listener.backend]]`
 /// list; `--plugin` naming another plugin drops the file's `plugin_options` (they were meant
@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// What hashing plugins hash: header:NAME, cookie:NAME, path or client-ip.
     #[arg(long, value_name = "SRC")]
     pub hash_key: Option<String>,
+    /// Access log of the listener: a file (appended to, reopened on SIGHUP), or - for
+    /// standard output.
+    #[arg(long, value_name = "FILE|-")]
+    pub access_log: Option<String>,
     /// Log filter in tracing's EnvFilter syntax, e.g. info or lbwasm=debug. Used by the
     /// binary; the TOML file has no counterpart.
     #[arg(long, value_name = "LEVEL")]
@@ -85,6 +89,7 @@ impl ServeArgs {
             || !self.plugin_opt.is_empty()
             || self.protocol.is_some()
             || self.hash_key.is_some()
+            || self.access_log.is_some()
     }
 
     /// Writes the flags into the tree, as values that remember their flag.
@@ -196,6 +201,9 @@ impl ServeArgs {
         }
         if let Some(hash_key) = &self.hash_key {
             listener.set("hash_key", Node::flag_str("--hash-key", hash_key));
+        }
+        if let Some(path) = &self.access_log {
+            listener.set("access_log", Node::flag_str("--access-log", path));
         }
         if !self.backends.is_empty() {
             let list = self

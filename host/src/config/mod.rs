@@ -96,6 +96,8 @@ pub struct ListenerConfig {
     pub plugin_options: Vec<(String, String)>,
     /// What hashing plugins hash on; none lets the plugin decide.
     pub hash_key: Option<HashKey>,
+    /// Where each request (HTTP) or connection (TCP) is logged; none: not logged.
+    pub access_log: Option<AccessLogTarget>,
     /// See [`Timeouts`] for defaults.
     pub timeouts: Timeouts,
     /// See [`Retry`] for defaults.
@@ -111,6 +113,15 @@ pub struct ListenerConfig {
     pub backends: Vec<BackendConfig>,
     /// Backends the proxy spawns and restarts itself.
     pub managed: Option<Managed>,
+}
+
+/// Where a listener's access log goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AccessLogTarget {
+    /// The process's standard output (`access_log = "-"`).
+    Stdout,
+    /// A file, created if missing, appended to, reopened on every reload (logrotate).
+    File(PathBuf),
 }
 
 /// What a listener carries.

@@ -108,6 +108,7 @@ fn defaults() {
     assert_eq!(l.plugin, PluginRef::Builtin("round_robin".into()));
     assert!(l.plugin_options.is_empty());
     assert_eq!(l.hash_key, None);
+    assert_eq!(l.access_log, None);
     assert_eq!(l.timeouts, Timeouts::default());
     assert_eq!(l.timeouts.connect, Duration::from_secs(2));
     assert_eq!(
@@ -148,6 +149,7 @@ fn values_are_converted() {
         "listen = \"localhost:8000\"",
         "plugin = \"plugins/custom.wasm\"",
         "hash_key = \"header:X-User\"",
+        "access_log = \"logs/access.log\"",
         "plugin_options = { b = 0.25, a = 5, c = true, d = \"x\", e = 1e3 }",
         "timeouts = { connect = \"250ms\", request = \"1m30s\", idle = \"1.5s\" }",
         "[listener.health]",
@@ -168,6 +170,10 @@ fn values_are_converted() {
     assert_eq!(l.listen, addr("127.0.0.1:8000"));
     assert_eq!(l.plugin, PluginRef::File("plugins/custom.wasm".into()));
     assert_eq!(l.hash_key, Some(HashKey::Header("x-user".into())));
+    assert_eq!(
+        l.access_log,
+        Some(AccessLogTarget::File("logs/access.log".into()))
+    );
     let options: Vec<_> = l
         .plugin_options
         .iter()
@@ -256,8 +262,8 @@ fn unknown_keys() {
     assert_eq!(
         e,
         "lbwasm.toml:6: listener[0].helth: unknown key (expected one of: name, listen, \
-         protocol, plugin, plugin_options, hash_key, timeouts, retry, health, passive, \
-         load_report, backend, managed)"
+         protocol, plugin, plugin_options, hash_key, access_log, timeouts, retry, health, \
+         passive, load_report, backend, managed)"
     );
     let mut lines = BASE.to_vec();
     lines.insert(0, "worker = 2");
@@ -562,6 +568,19 @@ fn cross_field_checks() {
             "base_port = 65535"
         ])),
         "lbwasm.toml:9: listener[0].managed.base_port: 2 instances from port 65535 go past 65535"
+    );
+    let mut lines = BASE.to_vec();
+    lines.insert(1, "access_log = \" \"");
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:2: listener[0].access_log: expected a file path, or \"-\" for standard \
+         output, got \" \""
+    );
+    lines[1] = "access_log = 1";
+    assert!(
+        error(&lines).starts_with("lbwasm.toml:2: listener[0].access_log: expected a string"),
+        "{}",
+        error(&lines)
     );
     let mut lines = BASE.to_vec();
     lines.insert(1, "hash_key = \"header:\"");

@@ -3,7 +3,8 @@
 //! [`ReqBody`] is a client's request body: read by hyper (HTTP/2) or by the proxy's own
 //! HTTP/1.1 server ([`super::h1::ClientBody`]).
 //! [`ResBody`] carries what must live exactly as long as a response is being streamed: the
-//! backend's in-flight guard and the client connection's activity mark (idle timeout).
+//! backend's in-flight guard, the client connection's activity mark (idle timeout) and
+//! the request's access-log line.
 //! [`BackendBody`] reads a backend's body straight off its connection, by the framing its
 //! head declared ([`Framing`], RFC 9112 §6.3), and returns the connection to the worker's
 //! pool the moment the body has been read to its end.
@@ -16,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use http::{StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
+use super::access_log::Pending;
 use super::client::{BackendConn, Checkin};
 use super::h1::ClientBody;
 use super::http::ActivityGuard;
@@ -45,12 +47,15 @@ enum Kind {
 struct Tail {
     in_flight: Option<InFlight>,
     activity: Option<ActivityGuard>,
+    /// Boxed: a response is moved several times, and most listeners keep no log.
+    log: Option<Box<Pending>>,
 }
 
 impl Tail {
     fn release(&mut self) {
         self.in_flight = None;
         self.activity = None;
+        self.log = None;
     }
 }
 
@@ -64,7 +69,7 @@ impl ResBody {
             kind: Kind::Backend(body),
             tail: Tail {
                 in_flight: Some(in_flight),
-                activity: None,
+                ..Tail::default()
             },
         }
     }
@@ -83,7 +88,7 @@ impl ResBody {
             kind: Kind::Switch(Some(conn)),
             tail: Tail {
                 in_flight: Some(in_flight),
-                activity: None,
+                ..Tail::default()
             },
         }
     }
@@ -99,6 +104,11 @@ impl ResBody {
     /// Keeps the client connection marked busy until the body ends.
     pub(crate) fn attach(&mut self, activity: ActivityGuard) {
         self.tail.activity = Some(activity);
+    }
+
+    /// Writes the request's access-log line when the body ends, with the bytes it sent.
+    pub(crate) fn log(&mut self, line: Pending) {
+        self.tail.log = Some(Box::new(line));
     }
 
     fn ended(&self) -> bool {
@@ -126,6 +136,11 @@ impl Body for ResBody {
             Kind::Text(t) => t.take().map(|b| Ok(Frame::data(b))),
             Kind::Switch(_) => None,
         };
+        if let (Some(line), Some(Ok(frame))) = (&mut this.tail.log, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            line.sent += data.len() as u64;
+        }
         match &polled {
             None | Some(Err(_)) => this.tail.release(),
             Some(Ok(_)) if this.ended() => this.tail.release(),

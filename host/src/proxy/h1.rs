@@ -108,7 +108,7 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
             Next::Closed => return,
             Next::Reject(Reject(status, why)) => {
                 tracing::debug!(peer = %ctx.peer(), %status, %why, "refused a request");
-                let res = ConnCtx::text(status, why);
+                let res = ctx.refusal(status, why);
                 let _ = write_response(&io, &mut out, res, false, Version::HTTP_11, true).await;
                 linger(&io).await;
                 return;

@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use super::access_log::Pending;
 use super::body::{BackendBody, Framing, ReqBody, ResBody};
 use super::client::{BackendConn, BackendHead, ConnectError, SendError};
 use super::h1;
@@ -273,7 +274,21 @@ impl ConnCtx {
         self.peer
     }
 
-    /// One request, forwarded, and recorded in the metrics. `upgrade`: the client asks to
+    /// The proxy's answer to a request refused before its head was whole (400, 408, 431…),
+    /// access-logged like any other.
+    pub(super) fn refusal(&self, status: StatusCode, cause: String) -> Reply {
+        let mut res = ConnCtx::text(status, cause);
+        let log = &self.local.log;
+        if log.enabled() {
+            let mut line = Pending::without_request(log, self.peer.ip(), Instant::now());
+            line.answered(status.as_u16(), None, 0);
+            res.body.log(line);
+        }
+        res
+    }
+
+    /// One request, forwarded, and recorded in the metrics (and the access log, when the
+    /// response ends). `upgrade`: the client asks to
     /// switch protocols (HTTP/1.1 only); a `101` answer then carries the backend
     /// connection in its body ([`ResBody::take_switch`]). `timer`: the connection's own
     /// request timer, when it carries one request at a time (see [`within`]).
@@ -284,8 +299,13 @@ impl ConnCtx {
         timer: Option<Pin<&mut Sleep>>,
     ) -> Reply {
         let start = Instant::now();
-        let (res, backend, answered) = self.forward(head, body, start, timer).await;
         let local = &self.local;
+        let pending = local
+            .log
+            .enabled()
+            .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start));
+        let mut tries = 0;
+        let (mut res, backend, answered) = self.forward(head, body, start, timer, &mut tries).await;
         let done = answered.unwrap_or_else(Instant::now);
         local.metrics.record(
             local.shared.index,
@@ -293,6 +313,10 @@ impl ConnCtx {
             res.status.as_u16(),
             done.saturating_duration_since(start),
         );
+        if let Some(mut line) = pending {
+            line.answered(res.status.as_u16(), backend, tries);
+            res.body.log(line);
+        }
         res
     }
 
@@ -304,6 +328,7 @@ impl ConnCtx {
         mut body: Option<ReqBody>,
         arrived: Instant,
         mut timer: Option<Pin<&mut Sleep>>,
+        tries: &mut usize,
     ) -> (Reply, Option<SocketAddr>, Option<Instant>) {
         let local = &self.local;
         let shared = &local.shared;
@@ -367,6 +392,7 @@ impl ConnCtx {
                 break;
             };
             tried.push(index);
+            *tries = tried.as_slice().len();
             // The first attempt starts with the request (one clock read less).
             let mut guard = if attempt == 0 {
                 InFlight::start_at(backend.clone(), arrived)

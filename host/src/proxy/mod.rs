@@ -16,11 +16,13 @@
 //! - [`tcp`]: per-connection balancing of raw TCP.
 //! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
 //! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
+//! - [`access_log`]: a line per request or connection, buffered per worker.
 //! - [`headers`], [`body`], [`budget`], [`sock`]: the pieces the HTTP path is made of.
 //!
 //! Health, load reports and managed processes are not here: they run on the control plane
 //! ([`crate::health`], [`crate::serve`]); workers only report failures to it ([`Event`]).
 
+mod access_log;
 mod body;
 mod budget;
 mod client;
@@ -32,6 +34,7 @@ mod tcp;
 mod tunnel;
 mod worker;
 
+pub use access_log::{AccessLog, Prepared};
 pub use worker::{WorkerHandle, bind, spawn_workers};
 
 use std::sync::Arc;
@@ -60,27 +63,31 @@ pub struct ListenerShared {
     pub plugin: Arc<ArcSwap<Plugin>>,
     /// Timeouts, retries, hashing, health settings; storing new ones is a reload.
     pub settings: Arc<ArcSwap<Settings>>,
+    /// Where requests are logged; reopened by a reload.
+    pub access_log: AccessLog,
     events: UnboundedSender<Event>,
 }
 
 impl ListenerShared {
     /// A listener over `pool` with `plugin`; workers send passive-health events to `events`.
+    /// Fails if the access log cannot be opened.
     pub fn new(
         index: usize,
         config: &ListenerConfig,
         pool: Arc<Pool>,
         plugin: Arc<Plugin>,
         events: UnboundedSender<Event>,
-    ) -> Self {
-        ListenerShared {
+    ) -> std::io::Result<Self> {
+        Ok(ListenerShared {
             index,
             name: config.name.clone(),
             protocol: config.protocol,
             pool,
             plugin: Arc::new(ArcSwap::new(plugin)),
             settings: Arc::new(ArcSwap::from_pointee(Settings::from_config(config))),
+            access_log: AccessLog::open(config.access_log.as_ref())?,
             events,
-        }
+        })
     }
 
     /// Asks the control plane to eject `backend` (a streak of live failures).

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::tunnel::relay;
+use super::access_log;
+use super::tunnel::{Relayed, relay};
 use super::worker::{LocalListener, Tried};
 use crate::config::HashKey;
 use crate::metrics::TCP_OK;
@@ -49,6 +50,7 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
                 local
                     .metrics
                     .record(shared.index, None, 503, start.elapsed());
+                log(&local, peer, start, 503, None, 0, Relayed::default());
                 return;
             }
             Err(_) => break,
@@ -68,10 +70,14 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
                     local
                         .metrics
                         .record(shared.index, Some(backend.addr), TCP_OK, start.elapsed());
-                    if let Err(error) = relay(client, upstream, settings.timeouts.idle).await {
+                    let mut relayed = Relayed::default();
+                    let idle = settings.timeouts.idle;
+                    if let Err(error) = relay(client, upstream, idle, &mut relayed).await {
                         tracing::debug!(%peer, %error, "tcp relay ended with an error");
                     }
                     drop(guard);
+                    let tries = tried.as_slice().len();
+                    log(&local, peer, start, 200, Some(backend.addr), tries, relayed);
                     return;
                 }
                 Ok(Err(e)) => e.to_string(),
@@ -86,4 +92,23 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
     local
         .metrics
         .record(shared.index, failed, 502, start.elapsed());
+    let tries = tried.as_slice().len();
+    log(&local, peer, start, 502, failed, tries, Relayed::default());
+}
+
+/// The connection's access-log line, if the listener keeps one.
+fn log(
+    local: &LocalListener,
+    peer: SocketAddr,
+    start: Instant,
+    status: u16,
+    backend: Option<SocketAddr>,
+    tries: usize,
+    relayed: Relayed,
+) {
+    if local.log.enabled() {
+        // The client is the relay's first side.
+        let bytes = (relayed.from_b, relayed.from_a);
+        access_log::tcp_line(&local.log, peer.ip(), start, status, backend, tries, bytes);
+    }
 }

@@ -33,12 +33,20 @@ pub(super) async fn switched(
     if !early.is_empty() {
         stream.write_all(&early).await?;
     }
-    relay(client, stream, idle).await
+    relay(client, stream, idle, &mut Relayed::default()).await
+}
+
+/// Bytes relayed: read from the first side, and from the second.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Relayed {
+    pub(super) from_a: u64,
+    pub(super) from_b: u64,
 }
 
 /// Copies both ways until both directions are closed, or nothing moved for `idle` (then
-/// both sides are dropped, which closes them).
-pub(super) async fn relay<A, B>(a: A, b: B, idle: Duration) -> io::Result<()>
+/// both sides are dropped, which closes them). `relayed` counts what was read, however it
+/// ended.
+pub(super) async fn relay<A, B>(a: A, b: B, idle: Duration, relayed: &mut Relayed) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -47,10 +55,12 @@ where
     let mut a = Touch {
         io: a,
         last: last.clone(),
+        read: 0,
     };
     let mut b = Touch {
         io: b,
         last: last.clone(),
+        read: 0,
     };
     let quiet = async {
         loop {
@@ -61,19 +71,25 @@ where
             tokio::time::sleep_until(due).await;
         }
     };
-    tokio::select! {
+    let done = tokio::select! {
         done = tokio::io::copy_bidirectional(&mut a, &mut b) => done.map(drop),
         () = quiet => {
             tracing::debug!(idle = ?idle, "relayed connection idle; closing");
             Ok(())
         }
-    }
+    };
+    *relayed = Relayed {
+        from_a: a.read,
+        from_b: b.read,
+    };
+    done
 }
 
-/// A stream that notes when bytes last arrived on it.
+/// A stream that notes when bytes last arrived on it, and how many.
 struct Touch<T> {
     io: T,
     last: Rc<Cell<tokio::time::Instant>>,
+    read: u64,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
@@ -85,8 +101,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let got = buf.filled().len() - before;
+        if got > 0 {
             this.last.set(tokio::time::Instant::now());
+            this.read += got as u64;
         }
         polled
     }

@@ -18,6 +18,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 
+use super::access_log::LocalLog;
 use super::budget::RetryBudget;
 use super::client::ConnPool;
 use super::{ListenerShared, Settings, http, tcp};
@@ -138,11 +139,13 @@ async fn main(
     let conns = Rc::new(ConnPool::default());
     let drain = Rc::new(Drain::default());
     let mut accepts = Vec::new();
+    let mut locals = Vec::new();
     for (shared, socket) in listeners {
         let name = shared.name.clone();
         match TcpListener::from_std(socket) {
             Ok(listener) => {
                 let local = Rc::new(LocalListener::new(shared, shard.clone(), conns.clone()));
+                locals.push(local.clone());
                 accepts.push(tokio::task::spawn_local(accept_loop(
                     local,
                     listener,
@@ -163,6 +166,16 @@ async fn main(
             }
         })
     };
+    // Access-log lines wait at most a second (the rest go when the listeners drop).
+    let flusher = tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for local in &locals {
+                local.log.flush();
+            }
+        }
+    });
     tracing::debug!(worker = index, "worker started");
     let deadline = loop {
         if let Some(d) = *shutdown.borrow_and_update() {
@@ -177,6 +190,7 @@ async fn main(
         a.abort();
     }
     sweeper.abort();
+    flusher.abort();
     let live = drain.live.get();
     if tokio::time::timeout_at(deadline.into(), drain.idle())
         .await
@@ -376,6 +390,7 @@ pub(super) struct LocalListener {
     pub(super) conns: Rc<ConnPool>,
     pub(super) budget: RetryBudget,
     pub(super) h2: hyper::server::conn::http2::Builder<LocalExec>,
+    pub(super) log: Rc<LocalLog>,
     snapshots: RefCell<CacheOf<Snapshot>>,
     view: RefCell<Rc<LocalView>>,
     plugins: RefCell<CacheOf<Plugin>>,
@@ -395,6 +410,7 @@ impl LocalListener {
             conns,
             budget: RetryBudget::new(),
             h2,
+            log: Rc::new(LocalLog::new(&shared.access_log)),
             snapshots: RefCell::new(Cache::new(shared.pool.cell().clone())),
             view: RefCell::new(Rc::new(LocalView::new(snapshot))),
             plugins: RefCell::new(Cache::new(shared.plugin.clone())),

@@ -20,7 +20,7 @@ use crate::plugin::{
     PluginSource, PoolView, Protocol as PluginProtocol, RequestInfo, Runtime, Selector,
 };
 use crate::pool::Backend;
-use crate::proxy::{Event, ListenerShared, Settings};
+use crate::proxy::{AccessLog, Event, ListenerShared, Prepared, Settings};
 
 /// Re-reads the configuration (file and flags) for a reload.
 pub type Reloader = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
@@ -46,12 +46,14 @@ impl ApiError {
     }
 }
 
-/// One listener's part of a reload: the listener, its new configuration, its new plugin.
+/// One listener's part of a reload: the listener, its old and new configuration, its new
+/// plugin, its access log opened again.
 type Step<'a> = (
     &'a Arc<ListenerShared>,
     &'a ListenerConfig,
     &'a ListenerConfig,
     Option<Arc<crate::plugin::Plugin>>,
+    Prepared,
 );
 
 /// A managed pool's spec and its running instances.
@@ -556,9 +558,10 @@ impl Control {
 
     /// `POST /reload` and SIGHUP: re-reads the configuration and applies what can change
     /// without dropping connections — plugins and their options, static backends (added,
-    /// removed, re-weighted), timeouts, retries, health and load-report settings. Listener
+    /// removed, re-weighted), timeouts, retries, health and load-report settings, access
+    /// logs (always reopened). Listener
     /// addresses, protocols, workers, admin and managed pools need a restart: reported as
-    /// warnings. Nothing is applied unless every new plugin loads.
+    /// warnings. Nothing is applied unless every new plugin loads and every access log opens.
     pub async fn reload(&self) -> Result<Value, ApiError> {
         let new = {
             let source = self
@@ -646,13 +649,24 @@ impl Control {
             } else {
                 None
             };
-            plan.push((shared, ol, nl, plugin));
+            // Opened again even when unchanged: logrotate renames the file, then signals.
+            let log = AccessLog::prepare(nl.access_log.as_ref()).map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("listener {:?}: {e}", nl.name),
+                )
+            })?;
+            plan.push((shared, ol, nl, plugin, log));
         }
-        for (shared, ol, nl, plugin) in plan {
+        for (shared, ol, nl, plugin, log) in plan {
             if let Some(p) = plugin {
                 changes.push(format!("{}: plugin {}", nl.name, p.name()));
                 shared.plugin.store(p);
             }
+            if shared.access_log.target() != nl.access_log {
+                changes.push(format!("{}: access log", nl.name));
+            }
+            shared.access_log.install(log);
             let settings = Settings::from_config(nl);
             if **shared.settings.load() != settings {
                 changes.push(format!("{}: settings", nl.name));

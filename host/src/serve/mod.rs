@@ -113,9 +113,11 @@ impl Server {
                     .map(|b| Backend::new(b.address, b.weight, b.max_connections))
                     .collect();
                 let pool = Arc::new(Pool::new(&l.name, backends, l.passive.slow_start));
-                Arc::new(ListenerShared::new(i, l, pool, plugin, events_tx.clone()))
+                ListenerShared::new(i, l, pool, plugin, events_tx.clone())
+                    .map(Arc::new)
+                    .with_context(|| format!("listener {:?}", l.name))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         drop(events_tx);
         let metrics = Metrics::new(listeners.len());
 
