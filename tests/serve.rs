@@ -1113,6 +1113,52 @@ fn lbwasm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lbwasm"))
 }
 
+/// Starts `lbwasm serve ARGS` and reads the addresses of its `listeners` listeners off its
+/// standard output.
+async fn serving(args: &[&std::ffi::OsStr], listeners: usize) -> (Reaped, Vec<SocketAddr>) {
+    let mut child = lbwasm()
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start lbwasm");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = Reaped(child);
+    let addrs: Vec<SocketAddr> = tokio::task::spawn_blocking(move || {
+        StdBufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("lbwasm listening on ")?.parse().ok())
+            .take(listeners)
+            .collect()
+    })
+    .await
+    .expect("join");
+    assert_eq!(addrs.len(), listeners, "lbwasm exited before listening");
+    (child, addrs)
+}
+
+/// Sends `signal` to the child, by its PID.
+fn signal(child: &Reaped, signal: i32) {
+    let pid = i32::try_from(child.0.id()).expect("pid");
+    // SAFETY: signalling our own child by its PID.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// SIGTERM, then the exit status.
+async fn terminate(child: Reaped) -> std::process::ExitStatus {
+    signal(&child, libc::SIGTERM);
+    let mut child = child;
+    tokio::task::spawn_blocking(move || (child.0.wait(), child))
+        .await
+        .expect("join")
+        .0
+        .expect("wait")
+}
+
 /// Runs `lbwasm serve --config FILE`, which must fail; its stderr.
 async fn refused(config: std::path::PathBuf) -> String {
     let out = tokio::task::spawn_blocking(move || {
@@ -1157,50 +1203,24 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     bounded(async {
         let bs = spawn_backends(2).await;
         let list = format!("{},{}", bs[0].addr(), bs[1].addr());
-        let mut child = lbwasm()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--plugin",
-                "round_robin",
-                "--workers",
-                "1",
-                "--backends",
-                &list,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start lbwasm");
-        let stdout = child.stdout.take().expect("stdout");
-        let child = Reaped(child);
-        let addr: SocketAddr = tokio::task::spawn_blocking(move || {
-            let mut lines = StdBufReader::new(stdout).lines();
-            lines
-                .find_map(|l| l.ok()?.strip_prefix("lbwasm listening on ")?.parse().ok())
-                .expect("listening line")
-        })
-        .await
-        .expect("join");
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--plugin",
+            "round_robin",
+            "--workers",
+            "1",
+            "--backends",
+            &list,
+        ];
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let (child, addrs) = serving(&args, 1).await;
+        let addr = addrs[0];
         let c = client();
         let seen = spread(&c, addr, 10).await;
         assert_eq!(seen.len(), 2, "{seen:?}");
         drop(c);
-        let pid = i32::try_from(child.0.id()).expect("pid");
-        // SAFETY: signalling our own child by its PID.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let mut child = child;
-        let status = tokio::task::spawn_blocking(move || {
-            let status = child.0.wait();
-            (status, child)
-        })
-        .await
-        .expect("join")
-        .0
-        .expect("wait");
+        let status = terminate(child).await;
         assert!(status.success(), "{status:?}");
     })
     .await;
@@ -1712,25 +1732,7 @@ async fn access_logs_record_requests_and_connections_and_reopen_on_sighup() {
         );
         let path = dir.path().join("lbwasm.toml");
         std::fs::write(&path, text).expect("write config");
-        let mut child = lbwasm()
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start lbwasm");
-        let stdout = child.stdout.take().expect("stdout");
-        let child = Reaped(child);
-        let listening: Vec<SocketAddr> = tokio::task::spawn_blocking(move || {
-            StdBufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| l.strip_prefix("lbwasm listening on ")?.parse().ok())
-                .take(2)
-                .collect()
-        })
-        .await
-        .expect("join");
+        let (child, listening) = serving(&["--config".as_ref(), path.as_os_str()], 2).await;
         let (web, raw) = (listening[0], listening[1]);
         let backends: Vec<String> = bs.iter().map(|b| b.addr().to_string()).collect();
 
@@ -1787,11 +1789,7 @@ async fn access_logs_record_requests_and_connections_and_reopen_on_sighup() {
         // logrotate: rename, then SIGHUP; later lines go to a new file of the old name.
         let rotated = dir.path().join("access.log.1");
         std::fs::rename(&web_log, &rotated).expect("rename");
-        let pid = i32::try_from(child.0.id()).expect("pid");
-        // SAFETY: signalling our own child by its PID.
-        unsafe {
-            libc::kill(pid, libc::SIGHUP);
-        }
+        signal(&child, libc::SIGHUP);
         eventually("the log reopened", || async { web_log.exists() }).await;
         let r = get(&c, web, "/after").await;
         assert_eq!(r.status, StatusCode::OK);
@@ -1801,16 +1799,7 @@ async fn access_logs_record_requests_and_connections_and_reopen_on_sighup() {
         .await;
         assert_eq!(log_lines(&rotated).len(), 2, "the rotated file is left alone");
         drop(c);
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let mut child = child;
-        let status = tokio::task::spawn_blocking(move || (child.0.wait(), child))
-            .await
-            .expect("join")
-            .0
-            .expect("wait");
+        let status = terminate(child).await;
         assert!(status.success(), "{status:?}");
     })
     .await;
