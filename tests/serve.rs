@@ -1113,12 +1113,10 @@ fn lbwasm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lbwasm"))
 }
 
-/// Starts `lbwasm serve ARGS` and reads the addresses of its `listeners` listeners off its
-/// standard output.
-async fn serving(args: &[&std::ffi::OsStr], listeners: usize) -> (Reaped, Vec<SocketAddr>) {
-    let mut child = lbwasm()
-        .arg("serve")
-        .args(args)
+/// Starts `cmd` (`lbwasm serve ...`) and reads the addresses of its `listeners` listeners
+/// off its standard output.
+async fn serving(mut cmd: Command, listeners: usize) -> (Reaped, Vec<SocketAddr>) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1213,8 +1211,9 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
             "--backends",
             &list,
         ];
-        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        let (child, addrs) = serving(&args, 1).await;
+        let mut cmd = lbwasm();
+        cmd.arg("serve").args(args);
+        let (child, addrs) = serving(cmd, 1).await;
         let addr = addrs[0];
         let c = client();
         let seen = spread(&c, addr, 10).await;
@@ -1732,7 +1731,9 @@ async fn access_logs_record_requests_and_connections_and_reopen_on_sighup() {
         );
         let path = dir.path().join("lbwasm.toml");
         std::fs::write(&path, text).expect("write config");
-        let (child, listening) = serving(&["--config".as_ref(), path.as_os_str()], 2).await;
+        let mut cmd = lbwasm();
+        cmd.args(["serve", "--config"]).arg(&path);
+        let (child, listening) = serving(cmd, 2).await;
         let (web, raw) = (listening[0], listening[1]);
         let backends: Vec<String> = bs.iter().map(|b| b.addr().to_string()).collect();
 
@@ -1801,6 +1802,80 @@ async fn access_logs_record_requests_and_connections_and_reopen_on_sighup() {
         drop(c);
         let status = terminate(child).await;
         assert!(status.success(), "{status:?}");
+    })
+    .await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_files_limit_is_raised_to_serve_hundreds_of_clients() {
+    use std::os::unix::process::CommandExt as _;
+    const CLIENTS: usize = 300;
+    bounded(async {
+        // This process holds the clients and the backends' side of it all.
+        lbwasm::serve::raise_fd_limit();
+        let bs = spawn_backends(2).await;
+        let list = format!("{},{}", bs[0].addr(), bs[1].addr());
+        let mut cmd = lbwasm();
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--plugin",
+            "round_robin",
+        ])
+        .args(["--workers", "1", "--backends", &list]);
+        // SAFETY: pre_exec runs in the forked child; getrlimit and setrlimit are
+        // async-signal-safe and touch only the struct passed by pointer.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                // 200 descriptors: not even 100 proxied connections, if left so.
+                lim.rlim_cur = 200;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (child, addrs) = serving(cmd, 1).await;
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("limits");
+        let row: Vec<&str> = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("open files row")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            row[3], row[4],
+            "soft limit not raised to the hard one: {row:?}"
+        );
+
+        // Hundreds of clients at once, each with a request in flight.
+        let mut conns = Vec::with_capacity(CLIENTS);
+        for _ in 0..CLIENTS {
+            let mut s = TcpStream::connect(addrs[0]).await.expect("connect");
+            s.write_all(b"GET /many HTTP/1.1\r\nHost: lb\r\n\r\n")
+                .await
+                .expect("write");
+            conns.push(BufReader::new(s));
+        }
+        let mut ok = 0;
+        for conn in &mut conns {
+            let mut status = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), conn.read_line(&mut status));
+            if matches!(read.await, Ok(Ok(_))) && status.starts_with("HTTP/1.1 200") {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, CLIENTS, "clients answered 200");
+        drop(conns);
+        assert!(terminate(child).await.success());
     })
     .await;
 }

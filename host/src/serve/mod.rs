@@ -69,6 +69,7 @@ impl Server {
     /// Starts a server whose reloads call `reloader` (e.g. to re-apply command-line flags
     /// over the file).
     pub fn start_with(config: Config, reloader: Option<Reloader>) -> Result<Server> {
+        raise_fd_limit();
         let runtime = wasm_runtime()?;
         // Plugins first: a bad plugin or option fails before any socket is bound.
         let mut plugins = Vec::with_capacity(config.listeners.len());
@@ -213,6 +214,54 @@ impl Drop for Server {
             rt.shutdown_background();
         }
     }
+}
+
+/// The most open files [`raise_fd_limit`] asks for: the kernel's own default ceiling
+/// (`fs.nr_open`), which a hard limit of "unlimited" would otherwise exceed.
+const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises this process's soft limit on open files to its hard limit (at most 2^20), as the
+/// Go runtime does at start, and returns the limit in force. Every proxied connection holds
+/// two descriptors (client and backend): the usual soft limit of 1024 would refuse clients
+/// beyond about 500 while the hard limit, set by the administrator, allows far more.
+/// [`Server::start`] calls it; it warns when the limit stays low.
+#[cfg(unix)]
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer.
+    let now = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let old = lim.rlim_cur;
+        let want = lim.rlim_max.min(MAX_OPEN_FILES);
+        if old < want {
+            lim.rlim_cur = want;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = old, to = want, "raised the open-files limit");
+            } else {
+                lim.rlim_cur = old;
+            }
+        }
+        lim.rlim_cur
+    };
+    if now < 4096 {
+        tracing::warn!(
+            limit = now,
+            "the open-files limit is low: about {} concurrent proxied connections at most; raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+            now / 2
+        );
+    }
+    now
+}
+
+/// Open-file limits are Unix's; elsewhere there is nothing to raise.
+#[cfg(not(unix))]
+pub fn raise_fd_limit() -> u64 {
+    0
 }
 
 /// `lbwasm serve`: loads the configuration (errors name the file, line and key, or the

@@ -340,34 +340,6 @@ pub fn managed_child_pid(_port: u16) -> Option<i32> {
     None
 }
 
-/// Raises the soft limit of open files towards the hard one (at most 65536): everything runs
-/// in one process, so every connection costs up to four descriptors, and a 1024 default is
-/// quickly reached by a few hundred concurrent requests.
-#[cfg(unix)]
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let want = lim.rlim_max.min(65_536);
-        if lim.rlim_cur < want {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = want;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!(from = old, to = want, "raised the open-files limit");
-            }
-        }
-    }
-}
-
-#[cfg(not(unix))]
-pub fn raise_fd_limit() {}
-
 /// SIGKILLs a process.
 #[cfg(unix)]
 pub fn kill(pid: i32) -> anyhow::Result<()> {

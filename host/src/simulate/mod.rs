@@ -222,7 +222,8 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
 /// Runs the experiments and writes the report into `opts.out_dir`; returns what it wrote.
 pub async fn simulate(opts: SimulateOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
-    harness::raise_fd_limit();
+    // Clients, backends and the proxy share this process's descriptors.
+    crate::serve::raise_fd_limit();
     let experiments = if opts.experiments.is_empty() {
         Experiment::ALL.to_vec()
     } else {
