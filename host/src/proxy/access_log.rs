@@ -23,6 +23,7 @@ use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -44,6 +45,8 @@ pub struct AccessLog {
 pub struct Sink {
     target: AccessLogTarget,
     file: Option<File>,
+    /// A failing log (disk full, closed pipe) is reported once, not on every flush.
+    failed: AtomicBool,
 }
 
 impl AccessLog {
@@ -62,6 +65,7 @@ impl AccessLog {
             Some(AccessLogTarget::Stdout) => Some(Sink {
                 target: AccessLogTarget::Stdout,
                 file: None,
+                failed: AtomicBool::new(false),
             }),
             Some(AccessLogTarget::File(path)) => {
                 let file = OpenOptions::new()
@@ -77,6 +81,7 @@ impl AccessLog {
                 Some(Sink {
                     target: AccessLogTarget::File(path.clone()),
                     file: Some(file),
+                    failed: AtomicBool::new(false),
                 })
             }
         };
@@ -138,12 +143,13 @@ impl LocalLog {
         let mut cache = self.sink.borrow_mut();
         if let Some(sink) = cache.load()
             && let Err(error) = sink.write(&buf)
+            && !sink.failed.swap(true, Ordering::Relaxed)
         {
             let target = match &sink.target {
                 AccessLogTarget::File(p) => p.display().to_string(),
                 AccessLogTarget::Stdout => "standard output".to_owned(),
             };
-            tracing::warn!(%target, %error, lines = buf.iter().filter(|b| **b == b'\n').count(), "cannot write the access log; lines lost");
+            tracing::warn!(%target, %error, "cannot write the access log; lines are lost while this lasts (reported once per opening of the log)");
         }
         buf.clear();
     }
