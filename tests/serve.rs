@@ -1157,15 +1157,13 @@ async fn terminate(child: Reaped) -> std::process::ExitStatus {
         .expect("wait")
 }
 
-/// Runs `lbwasm serve --config FILE`, which must fail; its stderr.
-async fn refused(config: std::path::PathBuf) -> String {
-    let out = tokio::task::spawn_blocking(move || {
-        lbwasm().args(["serve", "--config"]).arg(&config).output()
-    })
-    .await
-    .expect("join")
-    .expect("run lbwasm");
-    assert!(!out.status.success(), "lbwasm accepted the configuration");
+/// Runs `lbwasm serve ARGS`, which must fail; its stderr.
+async fn refused(args: Vec<std::ffi::OsString>) -> String {
+    let out = tokio::task::spawn_blocking(move || lbwasm().arg("serve").args(&args).output())
+        .await
+        .expect("join")
+        .expect("run lbwasm");
+    assert!(!out.status.success(), "lbwasm accepted {:?}", out);
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -1179,7 +1177,7 @@ async fn bad_configs_name_file_line_and_key_through_the_binary() {
             "[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n\n[[listener.backend]]\naddress = \"127.0.0.1:9\"\nweight = 0\n",
         )
         .expect("write");
-        let stderr = refused(bad).await;
+        let stderr = refused(vec!["--config".into(), bad.into()]).await;
         assert!(stderr.contains("bad.toml:7: listener[0].backend[0].weight"), "{stderr}");
 
         // A plugin option the plugin refuses: named, and nothing is bound.
@@ -1189,8 +1187,31 @@ async fn bad_configs_name_file_line_and_key_through_the_binary() {
             "[[listener]]\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n[listener.plugin_options]\nbogus = 1\n[[listener.backend]]\naddress = \"127.0.0.1:9\"\n",
         )
         .expect("write");
-        let stderr = refused(opts).await;
+        let stderr = refused(vec!["--config".into(), opts.into()]).await;
         assert!(stderr.contains("bogus"), "{stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+
+        // Flags: a log filter that is none, an access log that cannot be opened.
+        let flags = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+            ["--listen", "127.0.0.1:0", "--plugin", "round_robin"]
+                .iter()
+                .chain(&["--backends", "127.0.0.1:9"])
+                .chain(extra)
+                .map(Into::into)
+                .collect()
+        };
+        let stderr = refused(flags(&["--log-level", "lbwasm=loud"])).await;
+        assert!(
+            stderr.starts_with("lbwasm: error: --log-level: \"lbwasm=loud\" is not a log filter"),
+            "{stderr}"
+        );
+        let missing = dir.path().join("no/such/dir/access.log");
+        let missing = missing.to_str().expect("utf-8 path");
+        let stderr = refused(flags(&["--access-log", missing])).await;
+        assert!(
+            stderr.contains(&format!("cannot open the access log {missing}: ")),
+            "{stderr}"
+        );
         assert!(!stderr.contains("listening"), "{stderr}");
     })
     .await;

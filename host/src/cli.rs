@@ -49,17 +49,24 @@ pub enum PluginsAction {
     },
 }
 
-/// Sets up `tracing`: `--log-level` wins over `RUST_LOG`, the default is `info`.
-pub fn init_tracing(level: Option<&str>) {
+/// Sets up `tracing`: `--log-level` wins over `RUST_LOG`, the default is `info`. Colours
+/// only on a terminal (and not with `NO_COLOR`): logs sent to a file or a collector stay
+/// plain text. A `--log-level` that is not a valid filter is an error, not a silent `info`.
+pub fn init_tracing(level: Option<&str>) -> Result<()> {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = match level {
-        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        Some(l) => EnvFilter::try_new(l)
+            .map_err(|e| anyhow::anyhow!("--log-level: {l:?} is not a log filter: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
+    Ok(())
 }
 
 /// Runs a parsed command line.

@@ -14,7 +14,10 @@ fn main() -> ExitCode {
         (lbwasm::cli::Command::Simulate(_), None) => Some("warn"),
         _ => None,
     };
-    lbwasm::cli::init_tracing(cli.log_level.as_deref().or(default_level));
+    if let Err(e) = lbwasm::cli::init_tracing(cli.log_level.as_deref().or(default_level)) {
+        eprintln!("lbwasm: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match lbwasm::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
