@@ -12,7 +12,8 @@ use std::time::Duration;
 use super::tree::{Ctx, Field, Origin, Section, Table, place};
 use super::{
     AccessLogTarget, AdminConfig, BackendConfig, Config, ConfigError, HashKey, HealthCheck,
-    HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, Retry, Timeouts,
+    HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, ProxyProtocol,
+    Retry, Timeouts,
 };
 
 const ROOT_KEYS: &[&str] = &["workers", "admin", "listener"];
@@ -25,6 +26,7 @@ const LISTENER_KEYS: &[&str] = &[
     "plugin_options",
     "hash_key",
     "access_log",
+    "proxy_protocol",
     "timeouts",
     "retry",
     "health",
@@ -196,6 +198,7 @@ fn listener(
     };
     let hash_key = s.opt("hash_key", |f| hash_key(f, protocol))?;
     let access_log = s.opt("access_log", |f| access_log(f, cx))?;
+    let proxy_protocol = s.opt("proxy_protocol", |f| proxy_protocol(f, protocol))?;
     let timeouts = match s.section("timeouts", TIMEOUT_KEYS)? {
         Some(t) => timeouts(&t)?,
         None => Timeouts::default(),
@@ -257,6 +260,7 @@ fn listener(
         plugin_options,
         hash_key,
         access_log,
+        proxy_protocol,
         timeouts,
         retry,
         health,
@@ -375,6 +379,21 @@ fn hash_key(f: &Field<'_>, protocol: Protocol) -> Result<HashKey, ConfigError> {
         ));
     }
     Ok(key)
+}
+
+fn proxy_protocol(f: &Field<'_>, protocol: Protocol) -> Result<ProxyProtocol, ConfigError> {
+    let version = match f.str()? {
+        "v1" => ProxyProtocol::V1,
+        "v2" => ProxyProtocol::V2,
+        _ => return Err(f.expected("\"v1\" or \"v2\"")),
+    };
+    if protocol != Protocol::Tcp {
+        return Err(f.err(
+            "only a tcp listener sends the PROXY protocol; an http listener tells backends \
+             the client's address in X-Forwarded-For",
+        ));
+    }
+    Ok(version)
 }
 
 /// An HTTP token (RFC 9110 `tchar`s): what header and cookie names are made of.

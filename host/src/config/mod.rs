@@ -98,6 +98,9 @@ pub struct ListenerConfig {
     pub hash_key: Option<HashKey>,
     /// Where each request (HTTP) or connection (TCP) is logged; none: not logged.
     pub access_log: Option<AccessLogTarget>,
+    /// TCP listeners: the PROXY protocol header sent to the backend first, so that it
+    /// learns the client's address; none: the bytes are relayed as they are.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// See [`Timeouts`] for defaults.
     pub timeouts: Timeouts,
     /// See [`Retry`] for defaults.
@@ -113,6 +116,15 @@ pub struct ListenerConfig {
     pub backends: Vec<BackendConfig>,
     /// Backends the proxy spawns and restarts itself.
     pub managed: Option<Managed>,
+}
+
+/// The version of HAProxy's PROXY protocol a TCP listener speaks to its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    /// The human-readable line: `PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n`.
+    V1,
+    /// The binary header (16 bytes, then the addresses).
+    V2,
 }
 
 /// Where a listener's access log goes.

@@ -246,6 +246,28 @@ fn tcp_listener_defaults() {
     assert_eq!(l.protocol, Protocol::Tcp);
     assert_eq!(l.load_report, None);
     assert_eq!(l.health.as_ref().map(|h| &h.kind), Some(&HealthKind::Tcp));
+    assert_eq!(l.proxy_protocol, None);
+}
+
+#[test]
+fn the_proxy_protocol_is_for_tcp_listeners() {
+    let mut lines = BASE.to_vec();
+    lines.insert(1, "protocol = \"tcp\"");
+    lines.insert(2, "proxy_protocol = \"v2\"");
+    let l = &parse(&lines).expect("valid").listeners[0];
+    assert_eq!(l.proxy_protocol, Some(ProxyProtocol::V2));
+    lines[2] = "proxy_protocol = \"v3\"";
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:3: listener[0].proxy_protocol: expected \"v1\" or \"v2\", got \"v3\""
+    );
+    let mut lines = BASE.to_vec();
+    lines.insert(1, "proxy_protocol = \"v1\"");
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:2: listener[0].proxy_protocol: only a tcp listener sends the PROXY \
+         protocol; an http listener tells backends the client's address in X-Forwarded-For"
+    );
 }
 
 #[test]
@@ -262,8 +284,8 @@ fn unknown_keys() {
     assert_eq!(
         e,
         "lbwasm.toml:6: listener[0].helth: unknown key (expected one of: name, listen, \
-         protocol, plugin, plugin_options, hash_key, access_log, timeouts, retry, health, \
-         passive, load_report, backend, managed)"
+         protocol, plugin, plugin_options, hash_key, access_log, proxy_protocol, timeouts, \
+         retry, health, passive, load_report, backend, managed)"
     );
     let mut lines = BASE.to_vec();
     lines.insert(0, "worker = 2");

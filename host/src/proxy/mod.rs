@@ -13,7 +13,7 @@
 //! - [`worker`]: threads, accept loops, drain on shutdown.
 //! - [`http`]: client connections (HTTP/2 through hyper), forwarding, retries.
 //! - [`h1`]: the proxy's own HTTP/1.1 server: request framing, responses, upgrades.
-//! - [`tcp`]: per-connection balancing of raw TCP.
+//! - [`tcp`]: per-connection balancing of raw TCP; [`proxy_header`]: the PROXY protocol.
 //! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
 //! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
 //! - [`access_log`]: a line per request or connection, buffered per worker.
@@ -29,6 +29,7 @@ mod client;
 mod h1;
 mod headers;
 mod http;
+mod proxy_header;
 mod sock;
 mod tcp;
 mod tunnel;
@@ -43,7 +44,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{
-    HashKey, HealthCheck, ListenerConfig, LoadReport, Passive, Protocol, Retry, Timeouts,
+    HashKey, HealthCheck, ListenerConfig, LoadReport, Passive, Protocol, ProxyProtocol, Retry,
+    Timeouts,
 };
 use crate::plugin::Plugin;
 use crate::pool::{Backend, Pool};
@@ -126,6 +128,8 @@ pub struct Settings {
     pub health: Option<HealthCheck>,
     /// Load-report polling.
     pub load_report: Option<LoadReport>,
+    /// TCP: the PROXY protocol header sent to backends.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl Settings {
@@ -138,6 +142,7 @@ impl Settings {
             passive: l.passive,
             health: l.health.clone(),
             load_report: l.load_report.clone(),
+            proxy_protocol: l.proxy_protocol,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! (`RequestInfo` protocol TCP, client IP set), a connect that fails over to other backends,
 //! then bytes copied both ways until both sides are done (a half-close is passed on) or the
 //! connection is silent for the idle timeout. The backend's in-flight guard lives as long as
-//! the connection.
+//! the connection. With `proxy_protocol`, the backend first gets a PROXY header naming the
+//! client.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -10,10 +11,13 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
+use tokio::io::AsyncWriteExt as _;
+
 use super::access_log;
+use super::proxy_header;
 use super::tunnel::{Relayed, relay};
 use super::worker::{LocalListener, Tried};
-use crate::config::HashKey;
+use crate::config::{HashKey, ProxyProtocol};
 use crate::metrics::TCP_OK;
 use crate::plugin::{Protocol, RequestInfo};
 use crate::pool::InFlight;
@@ -60,29 +64,27 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
         };
         tried.push(index);
         let mut guard = InFlight::start(backend.clone());
-        let error =
-            match tokio::time::timeout(settings.timeouts.connect, TcpStream::connect(backend.addr))
-                .await
-            {
-                Ok(Ok(upstream)) => {
-                    let _ = upstream.set_nodelay(true);
-                    guard.answered(true, Instant::now(), passive);
-                    local
-                        .metrics
-                        .record(shared.index, Some(backend.addr), TCP_OK, start.elapsed());
-                    let mut relayed = Relayed::default();
-                    let idle = settings.timeouts.idle;
-                    if let Err(error) = relay(client, upstream, idle, &mut relayed).await {
-                        tracing::debug!(%peer, %error, "tcp relay ended with an error");
-                    }
-                    drop(guard);
-                    let tries = tried.as_slice().len();
-                    log(&local, peer, start, 200, Some(backend.addr), tries, relayed);
-                    return;
+        let connect = connect(backend.addr, settings.proxy_protocol, &client, peer);
+        let error = match tokio::time::timeout(settings.timeouts.connect, connect).await {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                guard.answered(true, Instant::now(), passive);
+                local
+                    .metrics
+                    .record(shared.index, Some(backend.addr), TCP_OK, start.elapsed());
+                let mut relayed = Relayed::default();
+                let idle = settings.timeouts.idle;
+                if let Err(error) = relay(client, upstream, idle, &mut relayed).await {
+                    tracing::debug!(%peer, %error, "tcp relay ended with an error");
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no connection within {:?}", settings.timeouts.connect),
-            };
+                drop(guard);
+                let tries = tried.as_slice().len();
+                log(&local, peer, start, 200, Some(backend.addr), tries, relayed);
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no connection within {:?}", settings.timeouts.connect),
+        };
         if guard.finish(false, None, passive) {
             shared.eject(backend.clone());
         }
@@ -94,6 +96,24 @@ pub(super) async fn serve(local: Rc<LocalListener>, client: TcpStream, peer: Soc
         .record(shared.index, failed, 502, start.elapsed());
     let tries = tried.as_slice().len();
     log(&local, peer, start, 502, failed, tries, Relayed::default());
+}
+
+/// Connects to `backend`; with `proxy`, sends the PROXY header for `client` (from `peer`)
+/// first, which counts as part of connecting: a backend that takes no bytes is tried like
+/// one that takes no connection.
+async fn connect(
+    backend: SocketAddr,
+    proxy: Option<ProxyProtocol>,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let mut upstream = TcpStream::connect(backend).await?;
+    if let Some(version) = proxy {
+        let mut header = Vec::with_capacity(64);
+        proxy_header::encode(version, peer, client.local_addr()?, &mut header);
+        upstream.write_all(&header).await?;
+    }
+    Ok(upstream)
 }
 
 /// The connection's access-log line, if the listener keeps one.
