@@ -1977,3 +1977,88 @@ async fn tcp_listeners_tell_backends_the_client_by_the_proxy_protocol() {
     })
     .await;
 }
+
+/// The length of `/big`'s body: more than loopback sockets buffer, so a client that reads
+/// none of it makes the proxy wait.
+const BIG: usize = 256 << 20;
+
+/// A backend with a body that never ends in time (`/stall`: 10 bytes of 100, then silence)
+/// and one too big to be buffered (`/big`).
+async fn slow_backend() -> SocketAddr {
+    serve_each(|stream| async move {
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let Some(head) = read_head(&mut r).await else {
+            return;
+        };
+        if head[0].starts_with("GET /stall ") {
+            let _ = w
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                .await;
+            // Keeps the connection open, silent, until the test's runtime ends.
+            std::future::pending::<()>().await;
+        } else {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+            if w.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..BIG / chunk.len() {
+                if w.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_backends_and_clients_are_cut_off_after_the_idle_timeout() {
+    bounded(async {
+        let backend = slow_backend().await;
+        let server = start(
+            "round_robin",
+            &[(backend, 1)],
+            "",
+            "[listener.timeouts]\nidle = \"1s\"\n[listener.load_report]\nenabled = false",
+        );
+        let addr = server.listen_addrs()[0];
+
+        // The backend stops mid-body: the client's connection is closed short of the
+        // declared length (not left waiting for the rest forever).
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            raw_exchange(addr, b"GET /stall HTTP/1.1\r\nHost: lb\r\n\r\n"),
+        )
+        .await
+        .expect("a stalled body must end");
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(
+            got.ends_with("\r\n\r\n0123456789"),
+            "10 bytes, then the close: {got}"
+        );
+
+        // The client takes the head and stops reading: the proxy gives the response up
+        // once it can write nothing for the idle timeout, instead of holding it (and the
+        // backend connection) for as long as the client stays connected.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .await
+            .expect("write");
+        let mut first = [0u8; 16];
+        s.read_exact(&mut first).await.expect("response starts");
+        // Silent well past the idle timeout, then read what is left.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest))
+            .await
+            .expect("the response must end");
+        assert!(
+            read.is_err() || rest.len() + 16 < BIG,
+            "the whole body arrived"
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}

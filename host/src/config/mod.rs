@@ -189,7 +189,8 @@ pub struct Timeouts {
     /// Default 30s.
     pub request: Duration,
     /// A client connection with nothing in flight (HTTP keep-alive, or a silent TCP
-    /// connection) is closed after this. Default 60s.
+    /// connection) is closed after this; so is a response whose body the backend sends no
+    /// byte of, or an HTTP/1.1 client takes no byte of, for this long. Default 60s.
     pub idle: Duration,
 }
 

@@ -9,13 +9,16 @@
 //! head declared ([`Framing`], RFC 9112 §6.3), and returns the connection to the worker's
 //! pool the moment the body has been read to its end.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
 
 use super::access_log::Pending;
 use super::client::{BackendConn, Checkin};
@@ -301,6 +304,12 @@ pub(crate) struct BackendBody {
     state: State,
     keep_alive: bool,
     checkin: Option<Checkin>,
+    /// A backend that sends no byte of the body for this long, while the proxy waits for
+    /// one, is cut off (a stalled backend would otherwise hold the client forever).
+    idle: Duration,
+    /// Armed when a wait for the backend begins; boxed and made only for bodies that wait.
+    stall: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
 }
 
 enum State {
@@ -311,8 +320,14 @@ enum State {
 }
 
 impl BackendBody {
-    /// The body framed by `framing` on `conn`; `checkin` takes the connection back after it.
-    pub(crate) fn new(conn: BackendConn, framing: Framing, checkin: Checkin) -> Self {
+    /// The body framed by `framing` on `conn`; `checkin` takes the connection back after it;
+    /// `idle`: the longest wait for a byte of it.
+    pub(crate) fn new(
+        conn: BackendConn,
+        framing: Framing,
+        checkin: Checkin,
+        idle: Duration,
+    ) -> Self {
         let (state, keep_alive) = match framing {
             Framing::Length(n, ka) => (State::Length(n), ka),
             Framing::Chunked(ka) => (State::Chunked(ChunkDecoder::default()), ka),
@@ -323,6 +338,9 @@ impl BackendBody {
             state,
             keep_alive,
             checkin: Some(checkin),
+            idle,
+            stall: None,
+            waiting: false,
         };
         if matches!(body.state, State::Length(0)) {
             body.finish();
@@ -387,7 +405,14 @@ impl BackendBody {
             }
             // Nothing buffered: read more.
             let conn = self.conn.as_mut().expect("checked above");
-            match ready!(poll_fill(conn, cx)) {
+            let filled = match poll_fill(conn, cx) {
+                Poll::Ready(r) => {
+                    self.waiting = false;
+                    r
+                }
+                Poll::Pending => return self.poll_stall(cx),
+            };
+            match filled {
                 Ok(0) if matches!(self.state, State::Close) => {
                     self.state = State::Done;
                     self.conn = None;
@@ -407,6 +432,27 @@ impl BackendBody {
                 }
             }
         }
+    }
+
+    /// Waiting for the backend: from the first poll of this wait, `idle` at most. Time
+    /// spent not polling (the client being slow to take the last bytes) does not count.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        let due = tokio::time::Instant::now() + self.idle;
+        let stall = match &mut self.stall {
+            Some(s) if self.waiting => s,
+            Some(s) => {
+                s.as_mut().reset(due);
+                s
+            }
+            None => self.stall.insert(Box::pin(tokio::time::sleep_until(due))),
+        };
+        self.waiting = true;
+        ready!(stall.as_mut().poll(cx));
+        self.conn = None;
+        Poll::Ready(Some(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("backend sent no byte of the body for {:?}", self.idle),
+        ))))
     }
 
     fn ended(&self) -> bool {

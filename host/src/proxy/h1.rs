@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody};
 use super::headers::{self, MAX_HEADERS, ReqHead};
 use super::http::{ConnCtx, Reply};
-use super::sock::{self, write_all};
+use super::sock::{self, write_all_within};
 use super::tunnel;
 use super::worker::Drain;
 use crate::fields::{Fields, RawFields};
@@ -58,6 +58,8 @@ pub(crate) struct ClientIo {
     /// The current request's final response head has been (or is being) written: too late
     /// for a `100 Continue`.
     responded: Cell<bool>,
+    /// A response the client takes no byte of for this long is cut off.
+    idle: Duration,
 }
 
 /// How a request's body is delimited.
@@ -93,6 +95,7 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
         buf: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
         body_done: Cell::new(true),
         responded: Cell::new(false),
+        idle,
     });
     let mut out = Vec::with_capacity(READ_CHUNK);
     // Two timers for the connection's life, re-armed only when they fire early: the idle
@@ -454,7 +457,7 @@ async fn write_response(
     }
     out.extend_from_slice(b"\r\n");
     if bodiless {
-        write_all(&io.stream, out).await?;
+        write_all_within(&io.stream, out, io.idle).await?;
         return Ok(!close);
     }
 
@@ -468,7 +471,7 @@ async fn write_response(
         let frame = match ready {
             Some(f) => f,
             None => {
-                write_all(&io.stream, out).await?;
+                write_all_within(&io.stream, out, io.idle).await?;
                 out.clear();
                 body.frame().await
             }
@@ -483,7 +486,7 @@ async fn write_response(
                 // Cut short: the client must not take it for the whole body.
                 tracing::debug!(%error, "response body failed; closing the client connection");
                 if !out.is_empty() {
-                    write_all(&io.stream, out).await?;
+                    write_all_within(&io.stream, out, io.idle).await?;
                     out.clear();
                 }
                 return Ok(false);
@@ -500,16 +503,16 @@ async fn write_response(
         if out.len() + data.len() <= WRITE_BATCH {
             out.extend_from_slice(&data);
         } else {
-            write_all(&io.stream, out).await?;
+            write_all_within(&io.stream, out, io.idle).await?;
             out.clear();
-            write_all(&io.stream, &data).await?;
+            write_all_within(&io.stream, &data, io.idle).await?;
         }
         if chunked {
             // Goes out with whatever follows.
             out.extend_from_slice(b"\r\n");
         }
         if out.len() >= WRITE_BATCH {
-            write_all(&io.stream, out).await?;
+            write_all_within(&io.stream, out, io.idle).await?;
             out.clear();
         }
     }
@@ -517,7 +520,7 @@ async fn write_response(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        write_all(&io.stream, out).await?;
+        write_all_within(&io.stream, out, io.idle).await?;
         out.clear();
     }
     Ok(!close)

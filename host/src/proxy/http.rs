@@ -438,8 +438,14 @@ impl ConnCtx {
                         if guard.answered(ok, at, passive) {
                             shared.eject(backend.clone());
                         }
-                        let res =
-                            self.respond(head, framing, conn.conn, guard, backend.id, upgrade);
+                        let res = self.respond(
+                            head,
+                            framing,
+                            conn.conn,
+                            guard,
+                            upgrade,
+                            settings.timeouts.idle,
+                        );
                         return (res, Some(backend.addr), Some(at));
                     }
                     Some(Err(e)) => {
@@ -488,8 +494,8 @@ impl ConnCtx {
         framing: Framing,
         conn: BackendConn,
         guard: InFlight,
-        backend: u32,
         upgrade: bool,
+        idle: Duration,
     ) -> Reply {
         let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
         if switching && !upgrade {
@@ -506,7 +512,12 @@ impl ConnCtx {
             ResBody::switch(conn, guard)
         } else {
             ResBody::backend(
-                BackendBody::new(conn, framing, self.local.conns.checkin(backend)),
+                BackendBody::new(
+                    conn,
+                    framing,
+                    self.local.conns.checkin(guard.backend().id),
+                    idle,
+                ),
                 guard,
             )
         };

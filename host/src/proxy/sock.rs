@@ -12,6 +12,7 @@
 //! forgotten (tokio also forgets only the readiness it saw, by its tick).
 
 use std::io;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::Interest;
@@ -30,6 +31,33 @@ pub(crate) fn read_buf(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usi
         });
     }
     Ok(n)
+}
+
+/// Writes all of `data`, giving up when the peer takes no byte for `stall` (a client that
+/// stops reading would otherwise hold the response, and its backend connection, forever).
+/// The timer is armed only when the socket buffer is full, never on the usual path.
+pub(crate) async fn write_all_within(
+    stream: &TcpStream,
+    mut data: &[u8],
+    stall: Duration,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout(stall, stream.writable())
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the peer took no byte for {stall:?}"),
+                        )
+                    })??;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Writes all of `data`.
