@@ -437,14 +437,14 @@ impl BackendBody {
     /// Waiting for the backend: from the first poll of this wait, `idle` at most. Time
     /// spent not polling (the client being slow to take the last bytes) does not count.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
-        let due = tokio::time::Instant::now() + self.idle;
+        let idle = self.idle;
         let stall = match &mut self.stall {
             Some(s) if self.waiting => s,
             Some(s) => {
-                s.as_mut().reset(due);
+                s.as_mut().reset(tokio::time::Instant::now() + idle);
                 s
             }
-            None => self.stall.insert(Box::pin(tokio::time::sleep_until(due))),
+            None => self.stall.insert(Box::pin(tokio::time::sleep(idle))),
         };
         self.waiting = true;
         ready!(stall.as_mut().poll(cx));

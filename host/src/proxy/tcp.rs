@@ -9,9 +9,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use tokio::net::TcpStream;
-
 use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
 
 use super::access_log;
 use super::proxy_header;
