@@ -24,11 +24,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use arc_swap::cache::Cache;
 
+use super::date;
 use super::headers::ReqHead;
 use crate::config::AccessLogTarget;
 
@@ -331,24 +332,17 @@ fn escape(out: &mut Vec<u8>, raw: &[u8]) {
     }
 }
 
-/// `30/Nov/2026:12:40:00 +0000`, formatted once a second per thread.
+/// `30/Nov/2026:12:40:00 +0000`: the fields of the cached HTTP date, in NGINX's order.
 fn timestamp(out: &mut Vec<u8>) {
-    thread_local! {
-        static CACHE: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            // "Mon, 30 Nov 2026 12:40:00 GMT": the same fields, in another order.
-            let d = httpdate::fmt_http_date(now);
-            let (day, month, year, time) = (&d[5..7], &d[8..11], &d[12..16], &d[17..25]);
-            c.1.clear();
-            let _ = write!(c.1, "{day}/{month}/{year}:{time} +0000");
-            c.0 = secs;
+    date::with(|d| {
+        // "Mon, 30 Nov 2026 12:40:00 GMT"
+        let (day, month, year, time) = (&d[5..7], &d[8..11], &d[12..16], &d[17..25]);
+        for (part, sep) in [(day, b"/"), (month, b"/"), (year, b":")] {
+            out.extend_from_slice(part);
+            out.extend_from_slice(sep);
         }
-        out.extend_from_slice(&c.1);
+        out.extend_from_slice(time);
+        out.extend_from_slice(b" +0000");
     });
 }
 

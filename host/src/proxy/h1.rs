@@ -29,6 +29,7 @@ use http_body_util::BodyExt as _;
 use tokio::net::TcpStream;
 
 use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody};
+use super::date;
 use super::headers::{self, MAX_HEADERS, ReqHead};
 use super::http::{ConnCtx, Reply};
 use super::sock::{self, write_all_within};
@@ -711,32 +712,6 @@ impl Body for ClientBody {
     }
 }
 
-/// The `Date` header value, formatted once a second per thread.
-mod date {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    thread_local! {
-        static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
-    }
-
-    /// Calls `f` with the current `Date` value.
-    pub(super) fn with<R>(f: impl FnOnce(&[u8]) -> R) -> R {
-        let now = SystemTime::now();
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        CACHE.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.0 != secs {
-                let s = httpdate::fmt_http_date(now);
-                let n = s.len().min(29);
-                c.1[..n].copy_from_slice(&s.as_bytes()[..n]);
-                c.0 = secs;
-            }
-            f(&c.1)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,11 +858,5 @@ mod tests {
         for n in [0u64, 7, 10, 1234567890, u64::MAX] {
             assert_eq!(itoa_buf(n).as_bytes(), n.to_string().as_bytes());
         }
-    }
-
-    #[test]
-    fn date_values_are_http_dates() {
-        let d = date::with(|d| String::from_utf8(d.to_vec()).unwrap());
-        assert!(httpdate::parse_http_date(&d).is_ok(), "{d}");
     }
 }

@@ -17,7 +17,8 @@
 //! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
 //! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
 //! - [`access_log`]: a line per request or connection, buffered per worker.
-//! - [`headers`], [`body`], [`budget`], [`sock`]: the pieces the HTTP path is made of.
+//! - [`headers`], [`body`], [`budget`], [`sock`], [`date`]: the pieces the HTTP path is
+//!   made of.
 //!
 //! Health, load reports and managed processes are not here: they run on the control plane
 //! ([`crate::health`], [`crate::serve`]); workers only report failures to it ([`Event`]).
@@ -26,6 +27,7 @@ mod access_log;
 mod body;
 mod budget;
 mod client;
+mod date;
 mod h1;
 mod headers;
 mod http;
