@@ -1932,10 +1932,13 @@ async fn proxy_protocol_backend() -> SocketAddr {
                     let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
                     format!("TCP4 {}:{} {}:{}", ip(0), port(8), ip(4), port(10))
                 };
+                // The client's first bytes may have come with the header: echo them too.
+                let early = s.buffer().to_vec();
                 let mut s = s.into_inner();
                 s.write_all(format!("{line}\n").as_bytes())
                     .await
                     .expect("answer");
+                s.write_all(&early).await.expect("echo");
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
