@@ -288,7 +288,7 @@ impl BackendConn {
             if bodyless { None } else { length },
             chunked,
         );
-        if let Err(e) = write_all(&self.stream, &self.out).await {
+        if let Err(e) = write_all(&self.stream, &self.out, None).await {
             return Err(fail(SendErrorKind::Io(e), true, false));
         }
         self.upload = None;
@@ -415,15 +415,17 @@ async fn upload(stream: &TcpStream, mut body: ReqBody, chunked: bool) -> Result<
             framed.extend_from_slice(&size[..n]);
             framed.extend_from_slice(&data);
             framed.extend_from_slice(b"\r\n");
-            write_all(stream, &framed)
+            write_all(stream, &framed, None)
                 .await
                 .map_err(SendErrorKind::Io)?;
         } else {
-            write_all(stream, &data).await.map_err(SendErrorKind::Io)?;
+            write_all(stream, &data, None)
+                .await
+                .map_err(SendErrorKind::Io)?;
         }
     }
     if chunked {
-        write_all(stream, b"0\r\n\r\n")
+        write_all(stream, b"0\r\n\r\n", None)
             .await
             .map_err(SendErrorKind::Io)?;
     }

@@ -32,7 +32,7 @@ use super::body::{BoxError, ChunkDecoder, Decoded, ReqBody};
 use super::date;
 use super::headers::{self, MAX_HEADERS, ReqHead};
 use super::http::{ConnCtx, Reply};
-use super::sock::{self, write_all_within};
+use super::sock::{self, write_all};
 use super::tunnel;
 use super::worker::Drain;
 use crate::fields::{Fields, RawFields};
@@ -458,7 +458,7 @@ async fn write_response(
     }
     out.extend_from_slice(b"\r\n");
     if bodiless {
-        write_all_within(&io.stream, out, io.idle).await?;
+        write_all(&io.stream, out, Some(io.idle)).await?;
         return Ok(!close);
     }
 
@@ -472,7 +472,7 @@ async fn write_response(
         let frame = match ready {
             Some(f) => f,
             None => {
-                write_all_within(&io.stream, out, io.idle).await?;
+                write_all(&io.stream, out, Some(io.idle)).await?;
                 out.clear();
                 body.frame().await
             }
@@ -487,7 +487,7 @@ async fn write_response(
                 // Cut short: the client must not take it for the whole body.
                 tracing::debug!(%error, "response body failed; closing the client connection");
                 if !out.is_empty() {
-                    write_all_within(&io.stream, out, io.idle).await?;
+                    write_all(&io.stream, out, Some(io.idle)).await?;
                     out.clear();
                 }
                 return Ok(false);
@@ -504,16 +504,16 @@ async fn write_response(
         if out.len() + data.len() <= WRITE_BATCH {
             out.extend_from_slice(&data);
         } else {
-            write_all_within(&io.stream, out, io.idle).await?;
+            write_all(&io.stream, out, Some(io.idle)).await?;
             out.clear();
-            write_all_within(&io.stream, &data, io.idle).await?;
+            write_all(&io.stream, &data, Some(io.idle)).await?;
         }
         if chunked {
             // Goes out with whatever follows.
             out.extend_from_slice(b"\r\n");
         }
         if out.len() >= WRITE_BATCH {
-            write_all_within(&io.stream, out, io.idle).await?;
+            write_all(&io.stream, out, Some(io.idle)).await?;
             out.clear();
         }
     }
@@ -521,7 +521,7 @@ async fn write_response(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        write_all_within(&io.stream, out, io.idle).await?;
+        write_all(&io.stream, out, Some(io.idle)).await?;
         out.clear();
     }
     Ok(!close)

@@ -33,39 +33,30 @@ pub(crate) fn read_buf(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usi
     Ok(n)
 }
 
-/// Writes all of `data`, giving up when the peer takes no byte for `stall` (a client that
-/// stops reading would otherwise hold the response, and its backend connection, forever).
-/// The timer is armed only when the socket buffer is full, never on the usual path.
-pub(crate) async fn write_all_within(
+/// Writes all of `data`. With `stall`, gives up when the peer takes no byte for that long
+/// (a client that stops reading would otherwise hold the response, and its backend
+/// connection, forever); the timer is armed only when the socket buffer is full, never on
+/// the usual path. Without, the caller's own deadline bounds it (a backend upload runs
+/// within the request timeout).
+pub(crate) async fn write_all(
     stream: &TcpStream,
     mut data: &[u8],
-    stall: Duration,
+    stall: Option<Duration>,
 ) -> io::Result<()> {
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::timeout(stall, stream.writable())
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match stall {
+                None => stream.writable().await?,
+                Some(stall) => tokio::time::timeout(stall, stream.writable())
                     .await
                     .map_err(|_| {
                         io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!("the peer took no byte for {stall:?}"),
                         )
-                    })??;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Writes all of `data`.
-pub(crate) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+                    })??,
+            },
             Err(e) => return Err(e),
         }
     }

@@ -558,10 +558,10 @@ impl Control {
 
     /// `POST /reload` and SIGHUP: re-reads the configuration and applies what can change
     /// without dropping connections — plugins and their options, static backends (added,
-    /// removed, re-weighted), timeouts, retries, health and load-report settings, access
-    /// logs (always reopened). Listener
-    /// addresses, protocols, workers, admin and managed pools need a restart: reported as
-    /// warnings. Nothing is applied unless every new plugin loads and every access log opens.
+    /// removed, re-weighted), timeouts, retries, health, load-report and PROXY-protocol
+    /// settings, access logs (always reopened). Listener addresses, protocols, workers,
+    /// admin and managed pools need a restart: reported as warnings. Nothing is applied
+    /// unless every new plugin loads and every access log opens.
     pub async fn reload(&self) -> Result<Value, ApiError> {
         let new = {
             let source = self
