@@ -221,6 +221,15 @@ async fn scenario(bin: Binaries) {
         || async move { (page.text(name).await == "maglev").then_some(()) },
     )
     .await;
+    // The description comes once per plugin (the stream's `facts` event), not per snapshot.
+    let desc = page.find("#plugin-desc").await.expect("#plugin-desc");
+    let desc = desc.as_str();
+    eventually(
+        "the page describes maglev",
+        Duration::from_secs(5),
+        || async move { page.text(desc).await.contains("Maglev").then_some(()) },
+    )
+    .await;
 
     // ... which the admin API reports, picks by, and the traffic follows.
     let report = get_json(http, &format!("http://{admin}/backends")).await;

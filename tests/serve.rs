@@ -537,7 +537,7 @@ async fn upgraded_connections_pass_bytes_both_ways() {
 async fn forwarding_headers_are_added_and_hop_by_hop_ones_stripped() {
     bounded(async {
         let be = upgrade_backend().await;
-        let server = start("round_robin", &[(be, 1)], "", "");
+        let server = start("round_robin", &[(be, 1)], "via = true", "");
         let c = client();
         let url = format!("http://{}/headers", server.listen_addrs()[0]);
         let r = send(
@@ -1494,9 +1494,13 @@ async fn scripted_backend() -> SocketAddr {
 async fn every_backend_framing_is_relayed_and_stale_connections_retried() {
     bounded(async {
         let backend = scripted_backend().await;
-        // The test client keeps one connection, so one proxy worker serves it all and
-        // reuses its pooled backend connections.
-        let server = start("round_robin", &[(backend, 1)], "", "");
+        // One proxy worker serves it all and reuses its pooled backend connections (the
+        // test client may open a second connection, which two workers could split).
+        let server = Server::start(parse(
+            &config_text(&listener("web", "round_robin", &[(backend, 1)], "", ""), None)
+                .replace("workers = 2", "workers = 1"),
+        ))
+        .expect("server starts");
         let addr = server.listen_addrs()[0];
         let c = client();
 

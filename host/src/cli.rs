@@ -24,14 +24,14 @@ pub enum Command {
     Serve(crate::config::ServeArgs),
     /// Run demo backend servers that report their real CPU, memory and connection load.
     Backend(crate::backend::BackendArgs),
-    /// List the built-in plugins, or inspect a component file.
+    /// List the built-in plugins, inspect a component file, or export a built-in to a file.
     Plugins(PluginsArgs),
     /// Run backends, the proxy and simulated clients in one process, compare the plugins
     /// in a suite of experiments, and write a report (HTML, charts, JSON, CSV).
     Simulate(crate::simulate::SimulateArgs),
 }
 
-/// `lbwasm plugins [inspect FILE]`.
+/// `lbwasm plugins [inspect FILE | export NAME [-o FILE]]`.
 #[derive(clap::Args, Debug)]
 pub struct PluginsArgs {
     /// Inspect instead of list.
@@ -46,6 +46,16 @@ pub enum PluginsAction {
     Inspect {
         /// A `.wasm` component, or a built-in name.
         file: String,
+    },
+    /// Write a built-in plugin's component to a file (a starting point, or to run it as
+    /// `--plugin NAME.wasm`).
+    Export {
+        /// The built-in's name (see `lbwasm plugins`).
+        name: String,
+        /// Where to write it; default `NAME.wasm` in the current folder, `-` for standard
+        /// output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
     },
 }
 
@@ -94,7 +104,35 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plugins(PluginsArgs {
             action: Some(PluginsAction::Inspect { file }),
         }) => inspect_plugin(&file),
+        Command::Plugins(PluginsArgs {
+            action: Some(PluginsAction::Export { name, output }),
+        }) => export_plugin(&name, output),
     }
+}
+
+fn export_plugin(name: &str, output: Option<std::path::PathBuf>) -> Result<ExitCode> {
+    use std::io::Write as _;
+    let bytes = plugin::builtin::get(name).with_context(|| {
+        format!(
+            "no built-in plugin named `{name}` (built-ins: {})",
+            plugin::builtin::names().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let path = output.unwrap_or_else(|| format!("{name}.wasm").into());
+    if path.as_os_str() == "-" {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).context("writing to standard output")?;
+        out.flush().context("writing to standard output")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "wrote {} ({} KB): run it with `lbwasm serve --plugin {}`",
+        path.display(),
+        bytes.len() / 1024,
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn list_plugins() -> Result<ExitCode> {
@@ -105,7 +143,9 @@ fn list_plugins() -> Result<ExitCode> {
         println!("{:<28} {:>6}KB  {}", name, p.size() / 1024, p.description());
     }
     println!(
-        "\nUse one with `lbwasm serve --plugin NAME`, or give a path to your own .wasm component."
+        "\nUse one with `lbwasm serve --plugin NAME`, or give a path to your own .wasm component;\n\
+         `lbwasm plugins export NAME` writes a built-in to NAME.wasm. Plugins marked [reads-load]\n\
+         get their backends' /load figures."
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -123,6 +163,9 @@ fn inspect_plugin(file: &str) -> Result<ExitCode> {
             ),
         },
         PluginSource::File(p) => {
+            if let Some(hint) = crate::serve::missing_builtin_hint(&p) {
+                anyhow::bail!(hint);
+            }
             let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
             (p.display().to_string(), bytes)
         }

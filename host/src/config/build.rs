@@ -17,7 +17,7 @@ use super::{
 };
 
 const ROOT_KEYS: &[&str] = &["workers", "admin", "listener"];
-const ADMIN_KEYS: &[&str] = &["listen", "token", "allow_remote"];
+const ADMIN_KEYS: &[&str] = &["listen", "token", "allow_remote", "hosts"];
 const LISTENER_KEYS: &[&str] = &[
     "name",
     "listen",
@@ -27,6 +27,7 @@ const LISTENER_KEYS: &[&str] = &[
     "hash_key",
     "access_log",
     "proxy_protocol",
+    "via",
     "timeouts",
     "retry",
     "health",
@@ -35,7 +36,7 @@ const LISTENER_KEYS: &[&str] = &[
     "backend",
     "managed",
 ];
-const TIMEOUT_KEYS: &[&str] = &["connect", "request", "idle"];
+const TIMEOUT_KEYS: &[&str] = &["connect", "request", "idle", "plugin", "plugin_budget"];
 const RETRY_KEYS: &[&str] = &["attempts", "budget_percent"];
 const HEALTH_KEYS: &[&str] = &[
     "path",
@@ -150,11 +151,36 @@ fn admin(s: &Section<'_>, sockets: &mut Sockets) -> Result<AdminConfig, ConfigEr
         }
     }
     claim(sockets, listen, &listen_field)?;
+    let hosts = match s.get("hosts") {
+        Some(f) => f
+            .items("an array of host names")?
+            .iter()
+            .map(admin_host)
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
     Ok(AdminConfig {
         listen,
         token,
         allow_remote,
+        hosts,
     })
+}
+
+/// A name for the admin endpoint as a browser writes it in `Host`: `name` or `name:port`
+/// (`[v6]:port`), no scheme, path or space; stored lower case.
+fn admin_host(f: &Field<'_>) -> Result<String, ConfigError> {
+    let name = f.str()?;
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    if !valid {
+        return Err(f.expected(
+            "a host name as browsers send it in Host, e.g. \"lb.example\" or \"lb.example:9900\"",
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 fn claim(sockets: &mut Sockets, addr: SocketAddr, field: &Field<'_>) -> Result<(), ConfigError> {
@@ -199,6 +225,17 @@ fn listener(
     let hash_key = s.opt("hash_key", |f| hash_key(f, protocol))?;
     let access_log = s.opt("access_log", |f| access_log(f, cx))?;
     let proxy_protocol = s.opt("proxy_protocol", |f| proxy_protocol(f, protocol))?;
+    let via = s
+        .opt("via", |f| {
+            let on = f.bool()?;
+            if on && protocol == Protocol::Tcp {
+                return Err(
+                    f.err("only an http listener adds Via; a tcp listener relays bytes untouched")
+                );
+            }
+            Ok(on)
+        })?
+        .unwrap_or(false);
     let timeouts = match s.section("timeouts", TIMEOUT_KEYS)? {
         Some(t) => timeouts(&t)?,
         None => Timeouts::default(),
@@ -261,6 +298,7 @@ fn listener(
         hash_key,
         access_log,
         proxy_protocol,
+        via,
         timeouts,
         retry,
         health,
@@ -414,7 +452,21 @@ fn timeouts(t: &Section<'_>) -> Result<Timeouts, ConfigError> {
             .opt("request", Field::positive_duration)?
             .unwrap_or(d.request),
         idle: t.opt("idle", Field::positive_duration)?.unwrap_or(d.idle),
+        plugin: t.opt("plugin", plugin_deadline)?.unwrap_or(d.plugin),
+        plugin_budget: t
+            .opt("plugin_budget", Field::positive_duration)?
+            .unwrap_or(d.plugin_budget),
     })
+}
+
+/// The plugin deadline: 1 ms (the epoch tick is 2 ms, so shorter would not be honoured) to
+/// 1 s (a worker waits for its plugin: longer would stall every request of the worker).
+fn plugin_deadline(f: &Field<'_>) -> Result<Duration, ConfigError> {
+    let d = f.duration()?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(1) {
+        return Err(f.expected("a duration from \"1ms\" to \"1s\""));
+    }
+    Ok(d)
 }
 
 fn retry(r: &Section<'_>) -> Result<Retry, ConfigError> {
@@ -509,7 +561,8 @@ fn passive(p: &Section<'_>) -> Result<Passive, ConfigError> {
     })
 }
 
-/// On by default for HTTP listeners; a TCP listener's backends speak no HTTP to poll.
+/// Available to HTTP listeners (a TCP listener's backends speak no HTTP to poll): polled
+/// when the plugin asks for load figures, always with `enabled = true`, never with `false`.
 fn load_report(
     section: Option<Section<'_>>,
     protocol: Protocol,
@@ -520,11 +573,8 @@ fn load_report(
         return Ok(http.then_some(d));
     };
     let enabled_field = r.get("enabled");
-    let enabled = enabled_field
-        .as_ref()
-        .map(Field::bool)
-        .transpose()?
-        .unwrap_or(http);
+    let explicit = enabled_field.as_ref().map(Field::bool).transpose()?;
+    let enabled = explicit.unwrap_or(http);
     let path = r.opt("path", Field::url_path)?.unwrap_or(d.path);
     let interval = r
         .opt("interval", Field::positive_duration)?
@@ -535,7 +585,11 @@ fn load_report(
     {
         return Err(f.err("load reports are polled over HTTP; a tcp listener cannot use them"));
     }
-    Ok(enabled.then_some(LoadReport { path, interval }))
+    Ok(enabled.then_some(LoadReport {
+        path,
+        interval,
+        always: explicit == Some(true),
+    }))
 }
 
 fn managed(

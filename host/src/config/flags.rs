@@ -9,8 +9,9 @@ use super::{Config, ConfigError, build};
 ///
 /// With `--config`, the listener flags (`--listen`, `--backends`, `--plugin`,
 /// `--plugin-opt`, `--protocol`, `--hash-key`, `--access-log`) override the file's first `[[listener]]`
-/// (or create it when the file has none), `--admin`/`--admin-token` override `[admin]`, and
-/// `--workers` overrides `workers`. `--backends` replaces the file's `[[listener.backend]]`
+/// (or create it when the file has none), `--admin`/`--admin-token` override `[admin]`,
+/// `--admin-host` adds to `[admin] hosts`, `--no-load-poll` turns load polling off on every
+/// listener, and `--workers` overrides `workers`. `--backends` replaces the file's `[[listener.backend]]`
 /// list; `--plugin` naming another plugin drops the file's `plugin_options` (they were meant
 /// for the old one); `--plugin-opt` adds to or replaces single options.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -25,7 +26,8 @@ pub struct ServeArgs {
     /// Backend addresses, comma-separated; replaces the file's [[listener.backend]] list.
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',')]
     pub backends: Vec<String>,
-    /// Built-in plugin name (e.g. least_loaded) or path to a .wasm component.
+    /// Built-in plugin name (e.g. least_loaded) or path to a .wasm component
+    /// (`lbwasm plugins export NAME` writes a built-in to NAME.wasm).
     #[arg(long, value_name = "NAME|FILE")]
     pub plugin: Option<String>,
     /// Plugin option, repeatable; adds to or replaces [listener.plugin_options].
@@ -45,6 +47,15 @@ pub struct ServeArgs {
         value_name = "TOKEN"
     )]
     pub admin_token: Option<String>,
+    /// Another name browsers may reach the admin endpoint by (as in `Host`: NAME or
+    /// NAME:PORT), repeatable; adds to [admin] hosts. Its own address and localhost:PORT are
+    /// always accepted.
+    #[arg(long = "admin-host", value_name = "NAME[:PORT]")]
+    pub admin_host: Vec<String>,
+    /// Never poll the backends' load endpoint, on any listener, whatever the plugin or the
+    /// file's [listener.load_report] says.
+    #[arg(long)]
+    pub no_load_poll: bool,
     /// Worker threads; 0 means one per CPU less one, at least 1 (the default).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -117,6 +128,34 @@ impl ServeArgs {
         {
             admin.set("token", Node::flag_str("--admin-token", token));
         }
+        if !self.admin_host.is_empty()
+            && let Some(Node {
+                value: Value::Table(admin),
+                ..
+            }) = root.get_mut("admin")
+        {
+            let mut hosts = match admin.get("hosts") {
+                Some(Node {
+                    value: Value::Array(items),
+                    ..
+                }) => items.clone(),
+                // Not an array: the schema walk reports it against the file.
+                Some(_) => return Ok(()),
+                None => Vec::new(),
+            };
+            hosts.extend(
+                self.admin_host
+                    .iter()
+                    .map(|h| Node::flag_str("--admin-host", h.trim())),
+            );
+            admin.set(
+                "hosts",
+                Node {
+                    value: Value::Array(hosts),
+                    at: Origin::Flag("--admin-host"),
+                },
+            );
+        }
 
         match root.get("listener").map(|node| &node.value) {
             Some(Value::Array(items)) if !items.is_empty() => {}
@@ -151,6 +190,30 @@ impl ServeArgs {
             }) = items.first_mut()
         {
             self.overlay_listener(first)?;
+        }
+        if self.no_load_poll
+            && let Some(Node {
+                value: Value::Array(items),
+                ..
+            }) = root.get_mut("listener")
+        {
+            // Every listener: the flag is a switch for the whole process.
+            for item in items {
+                if let Node {
+                    value: Value::Table(listener),
+                    ..
+                } = item
+                    && let Some(report) = listener.table_mut("load_report", "--no-load-poll")
+                {
+                    report.set(
+                        "enabled",
+                        Node {
+                            value: Value::Bool(false),
+                            at: Origin::Flag("--no-load-poll"),
+                        },
+                    );
+                }
+            }
         }
         Ok(())
     }

@@ -13,14 +13,14 @@
 //!
 //! ```toml
 //! workers = 0                          # 0 = one per CPU, less one (at least 1)
-//! [admin]                              # optional: listen, token, allow_remote
+//! [admin]                              # optional: listen, token, allow_remote, hosts
 //! [[listener]]                         # one or more: name, listen, protocol, plugin, hash_key
 //! [listener.plugin_options]            # key = string | integer | float | boolean
 //! [listener.timeouts]                  # connect, request, idle ("2s", "500ms", "1m30s")
 //! [listener.retry]                     # attempts, budget_percent
 //! [listener.health]                    # optional active checks: path (else TCP), ...
 //! [listener.passive]                   # consecutive_failures, base/max_ejection, slow_start
-//! [listener.load_report]               # enabled (HTTP default), path, interval
+//! [listener.load_report]               # enabled (default: when the plugin reads load), path, interval
 //! [[listener.backend]]                 # address, weight, max_connections
 //! [listener.managed]                   # optional spawned pool: command, count, base_port, ...
 //! ```
@@ -78,6 +78,10 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Default false.
     pub allow_remote: bool,
+    /// Further names browsers may use for the endpoint in `Host` (and so in `Origin`),
+    /// lower case, beside its own address and `localhost:PORT`: a name without a port is
+    /// accepted with none and with the admin port. From `hosts` and `--admin-host`.
+    pub hosts: Vec<String>,
 }
 
 /// One listening socket with its pool and the plugin that balances it.
@@ -101,6 +105,10 @@ pub struct ListenerConfig {
     /// TCP listeners: the PROXY protocol header sent to the backend first, so that it
     /// learns the client's address; none: the bytes are relayed as they are.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// HTTP listeners: add `Via: 1.1 lbwasm` to requests (off by default, as in NGINX,
+    /// HAProxy and Envoy: NGINX backends with `gzip_proxied off` do not compress a
+    /// response to a request that has `Via`).
+    pub via: bool,
     /// See [`Timeouts`] for defaults.
     pub timeouts: Timeouts,
     /// See [`Retry`] for defaults.
@@ -109,8 +117,9 @@ pub struct ListenerConfig {
     pub health: Option<HealthCheck>,
     /// Ejection on live failures; see [`Passive`] for defaults.
     pub passive: Passive,
-    /// Polling of the backends' load endpoint; on by default for HTTP listeners, unavailable
-    /// for TCP ones.
+    /// Polling of the backends' load endpoint; none when turned off (`enabled = false`,
+    /// `--no-load-poll`) and for TCP listeners. Otherwise it polls when
+    /// [`LoadReport::always`], or when the listener's plugin says it reads load.
     pub load_report: Option<LoadReport>,
     /// Static backends; may be empty only when `managed` is set.
     pub backends: Vec<BackendConfig>,
@@ -192,6 +201,13 @@ pub struct Timeouts {
     /// connection) is closed after this; so is a response whose body the backend sends no
     /// byte of, or an HTTP/1.1 client takes no byte of, for this long. Default 60s.
     pub idle: Duration,
+    /// Longest one call to the plugin's `choose` may run before it is interrupted and the
+    /// native fallback picks (setup calls get ten times it). The worker waits for its plugin,
+    /// so this is also the worst a plugin can add to a request. Default 20ms.
+    pub plugin: Duration,
+    /// A worker whose `choose` calls exceed this more than 1% of the time over a second
+    /// (a p99 over budget) logs a warning. Default 1ms.
+    pub plugin_budget: Duration,
 }
 
 impl Default for Timeouts {
@@ -200,6 +216,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(2),
             request: Duration::from_secs(30),
             idle: Duration::from_secs(60),
+            plugin: Duration::from_millis(20),
+            plugin_budget: Duration::from_millis(1),
         }
     }
 }
@@ -285,6 +303,11 @@ pub struct LoadReport {
     pub path: String,
     /// Time between polls of one backend. Default 1s.
     pub interval: Duration,
+    /// `enabled = true` in the file: poll whatever the plugin. Otherwise (the default) the
+    /// backends are polled only while the plugin declares that it reads load figures
+    /// ([`crate::health::READS_LOAD`] in its description), sparing backends requests, and
+    /// log lines, nobody reads.
+    pub always: bool,
 }
 
 impl Default for LoadReport {
@@ -292,6 +315,7 @@ impl Default for LoadReport {
         LoadReport {
             path: "/load".to_owned(),
             interval: Duration::from_secs(1),
+            always: false,
         }
     }
 }

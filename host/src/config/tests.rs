@@ -127,7 +127,8 @@ fn defaults() {
         l.load_report,
         Some(LoadReport {
             path: "/load".into(),
-            interval: Duration::from_secs(1)
+            interval: Duration::from_secs(1),
+            always: false
         })
     );
     assert_eq!(
@@ -284,8 +285,8 @@ fn unknown_keys() {
     assert_eq!(
         e,
         "lbwasm.toml:6: listener[0].helth: unknown key (expected one of: name, listen, \
-         protocol, plugin, plugin_options, hash_key, access_log, proxy_protocol, timeouts, \
-         retry, health, passive, load_report, backend, managed)"
+         protocol, plugin, plugin_options, hash_key, access_log, proxy_protocol, via, \
+         timeouts, retry, health, passive, load_report, backend, managed)"
     );
     let mut lines = BASE.to_vec();
     lines.insert(0, "worker = 2");
@@ -301,7 +302,7 @@ fn unknown_keys() {
     assert_eq!(
         error(&base_with(&["[listener.timeouts]", "connect_ms = 100"])),
         "lbwasm.toml:7: listener[0].timeouts.connect_ms: unknown key \
-         (expected one of: connect, request, idle)"
+         (expected one of: connect, request, idle, plugin, plugin_budget)"
     );
     // [[listener.backends]] (plural) is a typo for [[listener.backend]].
     let e = error(&base_with(&["[[listener.backends]]"]));
@@ -638,6 +639,7 @@ fn admin_checks() {
         listen: addr("[::1]:9900"),
         token: Some("s3cret".into()),
         allow_remote: false,
+        hosts: Vec::new(),
     };
     assert_eq!(config.admin, Some(expected));
     assert_eq!(
@@ -708,7 +710,8 @@ fn flags_only() {
         Some(AdminConfig {
             listen: addr("127.0.0.1:9900"),
             token: Some("t".into()),
-            allow_remote: false
+            allow_remote: false,
+            hosts: Vec::new(),
         })
     );
     let l = &config.listeners[0];
@@ -1022,4 +1025,71 @@ fn clap_definition() {
     assert_eq!(cli.serve.backends.len(), 3);
     assert_eq!(cli.serve.plugin_opt, ["seed=1"]);
     cli.serve.load().expect("valid");
+}
+
+#[test]
+fn plugin_deadline_and_budget() {
+    let l = &parse(&BASE).unwrap().listeners[0];
+    assert_eq!(l.timeouts.plugin, Duration::from_millis(20));
+    assert_eq!(l.timeouts.plugin_budget, Duration::from_millis(1));
+    let c = parse(&base_with(&[
+        "[listener.timeouts]",
+        "plugin = \"150ms\"",
+        "plugin_budget = \"500us\"",
+    ]))
+    .unwrap();
+    let t = c.listeners[0].timeouts;
+    assert_eq!(
+        (t.plugin, t.plugin_budget),
+        (Duration::from_millis(150), Duration::from_micros(500))
+    );
+    assert_eq!(
+        error(&base_with(&["[listener.timeouts]", "plugin = \"2s\""])),
+        "lbwasm.toml:7: listener[0].timeouts.plugin: expected a duration from \"1ms\" to \
+         \"1s\", got \"2s\""
+    );
+}
+
+#[test]
+fn admin_hosts_and_load_poll_switches() {
+    let mut lines = vec![
+        "[admin]",
+        "listen = \"127.0.0.1:9900\"",
+        "hosts = [\"LB.example\", \"lb.example:8443\"]",
+    ];
+    lines.extend_from_slice(&BASE);
+    let admin = parse(&lines).expect("valid").admin.expect("admin");
+    assert_eq!(admin.hosts, ["lb.example", "lb.example:8443"]);
+    lines[2] = "hosts = [\"http://lb.example/\"]";
+    assert!(error(&lines).starts_with("lbwasm.toml:3: admin.hosts[0]: expected a host name"));
+    let text = lines
+        .join("\n")
+        .replace("hosts = [\"http://lb.example/\"]", "");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("lbwasm.toml");
+    std::fs::write(&file, text).expect("write");
+    let args = ServeArgs {
+        config: Some(file),
+        admin_host: vec!["lb.internal".into()],
+        no_load_poll: true,
+        ..ServeArgs::default()
+    };
+    let config = args.load().expect("valid");
+    assert_eq!(config.admin.expect("admin").hosts, ["lb.internal"]);
+    assert_eq!(config.listeners[0].load_report, None, "--no-load-poll");
+
+    // Absent: polled if the plugin asks; true: always; false: never.
+    let default = parse(&BASE).expect("valid").listeners[0]
+        .load_report
+        .clone();
+    assert!(default.is_some_and(|r| !r.always));
+    let on = parse(&base_with(&["[listener.load_report]", "enabled = true"])).expect("valid");
+    assert!(
+        on.listeners[0]
+            .load_report
+            .as_ref()
+            .is_some_and(|r| r.always)
+    );
+    let off = parse(&base_with(&["[listener.load_report]", "enabled = false"])).expect("valid");
+    assert_eq!(off.listeners[0].load_report, None);
 }

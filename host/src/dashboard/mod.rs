@@ -9,6 +9,10 @@
 //! slow browser skips snapshots instead of queueing them. The last five minutes are kept in
 //! compact form, so a page opened (or reconnected) late draws its charts at once.
 //!
+//! What rarely changes (each listener's plugin description, the list of built-ins) is not in
+//! the per-second snapshot: it goes as a `facts` event when a page connects and again only
+//! when it changes (a plugin swap), so a page costs the same whatever a plugin says of itself.
+//!
 //! Nothing here changes state: the page's controls call the admin API like any client.
 //! The page and assets hold no data and are served without a token; with a token
 //! configured `/events` needs it like the API does — also as `?token=`, since
@@ -63,6 +67,8 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 pub struct Dashboard {
     control: Arc<Control>,
     latest: watch::Sender<Bytes>,
+    /// The latest `facts` event.
+    facts: watch::Sender<Bytes>,
     history: Mutex<Vec<VecDeque<Point>>>,
 }
 
@@ -71,9 +77,11 @@ impl Dashboard {
     /// dropped.
     pub fn start(control: Arc<Control>) -> Arc<Self> {
         let (latest, _) = watch::channel(Bytes::new());
+        let (facts, _) = watch::channel(Bytes::new());
         let dashboard = Arc::new(Dashboard {
             control,
             latest,
+            facts,
             history: Mutex::new(Vec::new()),
         });
         tokio::spawn(produce(Arc::downgrade(&dashboard)));
@@ -98,24 +106,37 @@ impl Dashboard {
         Some(res)
     }
 
-    /// The event stream: reconnect delay, history, the latest snapshot, then each new one.
+    /// The event stream: reconnect delay, history, the facts, the latest snapshot, then each
+    /// new snapshot, and the facts again whenever they change.
     fn events(&self) -> Response<Body> {
         let mut rx = self.latest.subscribe();
+        let mut facts = self.facts.subscribe();
         let mut head = format!(
             "retry: 1000\n\nevent: history\ndata: {}\n\n",
             self.history_json()
         );
+        head.push_str(&String::from_utf8_lossy(&facts.borrow_and_update()));
         head.push_str(&String::from_utf8_lossy(&rx.borrow_and_update()));
         let frames = futures_util::stream::unfold(
-            (rx, Some(Bytes::from(head))),
-            |(mut rx, head)| async move {
+            (rx, facts, Some(Bytes::from(head))),
+            |(mut rx, mut facts, head)| async move {
                 if let Some(head) = head {
-                    return Some((Ok::<_, Infallible>(Frame::data(head)), (rx, None)));
+                    return Some((Ok::<_, Infallible>(Frame::data(head)), (rx, facts, None)));
                 }
                 // Ends when the producer stops; a closed page ends it at the next write.
-                rx.changed().await.ok()?;
-                let next = rx.borrow_and_update().clone();
-                Some((Ok(Frame::data(next)), (rx, None)))
+                // Facts first: the producer publishes them before the snapshot using them.
+                let next = tokio::select! {
+                    biased;
+                    changed = facts.changed() => {
+                        changed.ok()?;
+                        facts.borrow_and_update().clone()
+                    }
+                    changed = rx.changed() => {
+                        changed.ok()?;
+                        rx.borrow_and_update().clone()
+                    }
+                };
+                Some((Ok(Frame::data(next)), (rx, facts, None)))
             },
         );
         let mut res = Response::new(StreamBody::new(frames).boxed_unsync());
@@ -211,9 +232,16 @@ async fn produce(dashboard: Weak<Dashboard>) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sampler = Sampler::default();
+    let mut last_facts = String::new();
     loop {
         tick.tick().await;
         let Some(d) = dashboard.upgrade() else { return };
+        let facts = facts_json(&d.control);
+        if facts != last_facts {
+            d.facts
+                .send_replace(Bytes::from(format!("event: facts\ndata: {facts}\n\n")));
+            last_facts = facts;
+        }
         let snapshot = sampler.sample(&d.control);
         d.remember(&snapshot);
         match serde_json::to_string(&snapshot) {
@@ -226,6 +254,24 @@ async fn produce(dashboard: Weak<Dashboard>) {
     }
 }
 
+/// What the page is told once (and again when it changes): the built-in plugins, and each
+/// listener's plugin with its description (at most [`crate::plugin::MAX_DESCRIPTION`] bytes).
+fn facts_json(control: &Control) -> String {
+    let listeners: Vec<Value> = control
+        .listeners
+        .iter()
+        .map(|l| {
+            let plugin = l.plugin.load();
+            json!({"name": l.name, "plugin": plugin.name(), "description": plugin.description()})
+        })
+        .collect();
+    json!({
+        "builtins": crate::plugin::builtin::names().collect::<Vec<_>>(),
+        "listeners": listeners,
+    })
+    .to_string()
+}
+
 /// One second of the whole server, as sent to the page.
 #[derive(Serialize)]
 struct Snapshot {
@@ -233,7 +279,6 @@ struct Snapshot {
     t_ms: u64,
     /// Since the previous snapshot (0 on the first).
     interval_ms: u64,
-    builtins: Vec<&'static str>,
     listeners: Vec<ListenerTick>,
 }
 
@@ -253,7 +298,6 @@ struct ListenerTick {
 #[derive(Serialize)]
 struct PluginTick {
     name: String,
-    description: String,
     calls_per_s: f64,
     #[serde(flatten)]
     stats: StatsSnapshot,
@@ -374,7 +418,6 @@ impl Sampler {
                 p99_us,
                 plugin: PluginTick {
                     name: plugin.name().to_string(),
-                    description: plugin.description().to_string(),
                     calls_per_s: rate(calls, secs),
                     stats,
                 },
@@ -388,7 +431,6 @@ impl Sampler {
         Snapshot {
             t_ms,
             interval_ms: secs.map_or(0, |s| (s * 1000.0).round() as u64),
-            builtins: crate::plugin::builtin::names().collect(),
             listeners,
         }
     }

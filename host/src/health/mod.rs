@@ -7,10 +7,14 @@
 //!   `max`, then re-admitted — never the last healthy one, which would only turn errors into
 //!   certain 503s; `k` is forgotten after a quiet period as long as `max`;
 //! - slow start: a re-admitted backend's warmup ramps up over `slow_start`;
-//! - the load poller: `GET /load` every `interval`; a backend without it has no figures.
+//! - the load poller: `GET /load` every `interval`, only while the listener's plugin reads
+//!   load figures (or the configuration says always); a backend without it has no figures,
+//!   and one that answers 404 is logged once and polled ever less often (30 s doubling to
+//!   5 min) instead of every second.
 //!
 //! Every state change publishes a new pool snapshot (one per round, not one per backend).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +27,26 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use crate::config::{HealthCheck, HealthKind, Passive};
+use crate::config::{HealthCheck, HealthKind, LoadReport, Passive};
 use crate::plugin::clock_ms;
 use crate::pool::{Backend, LoadFigures, Pool};
 use crate::proxy::ListenerShared;
 
 /// Largest load report read.
 const MAX_REPORT: usize = 64 * 1024;
+
+/// What a plugin's `describe()` text contains to say it reads the backends' load figures
+/// (CPU, memory, connections), so that the host polls `/load` for it; the built-in
+/// `least_loaded` does. A mark in the description rather than a new export: the world
+/// `lbwasm:balancer/balancer@0.2.0` stays as it is, every existing component still loads,
+/// and one that says nothing costs its backends no polling.
+pub const READS_LOAD: &str = "[reads-load]";
+
+/// Wait before polling again a backend whose load endpoint answered 404.
+const NO_ENDPOINT_FIRST: Duration = Duration::from_secs(30);
+
+/// Longest wait between polls of a backend without a load endpoint (doubling up to it).
+const NO_ENDPOINT_MAX: Duration = Duration::from_secs(300);
 
 /// Runs the active checks of a listener's pool until aborted. Follows reloads: the health
 /// settings are re-read every round, and no `[listener.health]` means no checks.
@@ -146,21 +163,33 @@ struct Report {
     connections: Option<u32>,
 }
 
-/// Polls the backends' load endpoint until aborted, following reloads like
-/// [`active_checks`]. One snapshot is published per round in which a report arrived.
+/// The load-report settings while `listener` should poll: the configuration allows it and
+/// either says always or the current plugin declares [`READS_LOAD`].
+fn polling(listener: &ListenerShared) -> Option<LoadReport> {
+    let lr = listener.settings.load().load_report.clone()?;
+    (lr.always || listener.plugin.load().description().contains(READS_LOAD)).then_some(lr)
+}
+
+/// Polls the backends' load endpoint until aborted, following reloads and plugin swaps
+/// (see [`polling`]). One snapshot is published per round in which a report arrived.
 pub async fn load_reports(listener: Arc<ListenerShared>) {
+    // Backends whose endpoint answered 404, by id: when to ask again, and the wait after.
+    let mut no_endpoint: HashMap<u32, (Instant, Duration)> = HashMap::new();
     loop {
-        let Some(lr) = listener.settings.load().load_report.clone() else {
+        let Some(lr) = polling(&listener) else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let members: Vec<Arc<Backend>> = listener
-            .pool
-            .members()
-            .iter()
-            .filter(|b| b.state().process_up)
-            .cloned()
-            .collect();
+        let now = Instant::now();
+        let members: Vec<Arc<Backend>> = {
+            let all = listener.pool.members();
+            no_endpoint.retain(|id, _| all.iter().any(|b| b.id == *id));
+            all.iter()
+                .filter(|b| b.state().process_up)
+                .filter(|b| no_endpoint.get(&b.id).is_none_or(|(at, _)| *at <= now))
+                .cloned()
+                .collect()
+        };
         let wait = lr
             .interval
             .clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -172,7 +201,24 @@ pub async fn load_reports(listener: Arc<ListenerShared>) {
         .await;
         let mut changed = false;
         for (b, res) in members.iter().zip(results) {
-            let Ok(Ok((200, body))) = res else { continue };
+            let body = match res {
+                Ok(Ok((200, body))) => body,
+                Ok(Ok((404, _))) => {
+                    let backoff = match no_endpoint.get(&b.id) {
+                        Some((_, last)) => (*last * 2).min(NO_ENDPOINT_MAX),
+                        None => {
+                            tracing::warn!(listener = %listener.name, backend = %b.addr, path = %lr.path, "the backend has no load endpoint (404): asking again in 30 s, then ever less often (up to every 5 min); set [listener.load_report] path, or enabled = false");
+                            NO_ENDPOINT_FIRST
+                        }
+                    };
+                    no_endpoint.insert(b.id, (Instant::now() + backoff, backoff));
+                    continue;
+                }
+                _ => continue,
+            };
+            if no_endpoint.remove(&b.id).is_some() {
+                tracing::info!(listener = %listener.name, backend = %b.addr, "the backend's load endpoint answers again");
+            }
             let Ok(r) = serde_json::from_slice::<Report>(&body) else {
                 tracing::debug!(listener = %listener.name, backend = %b.addr, "load report is not the expected JSON");
                 continue;

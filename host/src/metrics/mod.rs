@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::plugin::{Plugin, StatsSnapshot};
+use crate::plugin::{CHOOSE_BUCKETS_NS, Plugin, StatsSnapshot};
 use crate::pool::Pool;
 
 /// Upper bounds of the request-duration histogram, seconds (Prometheus client defaults,
@@ -46,6 +46,9 @@ struct ListenerShard {
     sum_seconds: f64,
     count: u64,
     retries: u64,
+    /// (reason, count): requests the proxy refused itself, or that failed by the client's
+    /// doing; a handful of reasons.
+    refused: Vec<(&'static str, u64)>,
 }
 
 /// What the scrape reads of a listener besides the shards.
@@ -104,6 +107,12 @@ impl Metrics {
             total.sum_seconds += s.sum_seconds;
             total.count += s.count;
             total.retries += s.retries;
+            for &(reason, n) in &s.refused {
+                match total.refused.iter_mut().find(|(r, _)| *r == reason) {
+                    Some(e) => e.1 += n,
+                    None => total.refused.push((reason, n)),
+                }
+            }
         }
         total.requests.sort_by_key(|a| (a.0, a.1));
         total
@@ -185,6 +194,25 @@ impl Metrics {
         }
         header(
             &mut out,
+            "lbwasm_requests_refused_total",
+            "counter",
+            "Requests refused by the proxy itself or failed by the client (bad framing, \
+             oversized head, a body cut short or stalled), by reason; never counted \
+             against a backend.",
+        );
+        for (st, sum) in status.iter().zip(&sums) {
+            let mut refused = sum.refused.clone();
+            refused.sort_unstable();
+            for (reason, n) in refused {
+                let _ = writeln!(
+                    out,
+                    "lbwasm_requests_refused_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
+                    esc(st.name),
+                );
+            }
+        }
+        header(
+            &mut out,
             "lbwasm_backend_in_flight",
             "gauge",
             "Requests or connections in flight to a backend.",
@@ -219,7 +247,7 @@ impl Metrics {
             }
         }
         let stats: Vec<StatsSnapshot> = status.iter().map(|s| s.plugin.stats()).collect();
-        let plugin_counters: [(&str, &str, Counter); 7] = [
+        let plugin_counters: [(&str, &str, Counter); 8] = [
             (
                 "lbwasm_plugin_calls_total",
                 "Calls to the plugin's choose.",
@@ -255,6 +283,11 @@ impl Metrics {
                 "Plugin instances replaced after a fault.",
                 |s| s.reinstantiations,
             ),
+            (
+                "lbwasm_plugin_instantiation_failures_total",
+                "Failed attempts to make a plugin instance on a worker (it used the native fallback meanwhile).",
+                |s| s.instantiation_failures,
+            ),
         ];
         for (name, help, get) in plugin_counters {
             header(&mut out, name, "counter", help);
@@ -268,7 +301,50 @@ impl Metrics {
                 );
             }
         }
+        render_choose_histogram(&mut out, status);
         out
+    }
+}
+
+/// `lbwasm_plugin_choose_duration_seconds`: the time each `choose` took, by listener.
+fn render_choose_histogram(out: &mut String, status: &[ListenerStatus<'_>]) {
+    header(
+        out,
+        "lbwasm_plugin_choose_duration_seconds",
+        "histogram",
+        "Time spent in the plugin's choose per call (a slow plugin limits each worker's requests per second).",
+    );
+    for st in status {
+        let h = st.plugin.choose_histogram();
+        let labels = format!(
+            "listener=\"{}\",plugin=\"{}\"",
+            esc(st.name),
+            esc(st.plugin.name())
+        );
+        let mut cumulative = 0;
+        for (le_ns, n) in CHOOSE_BUCKETS_NS.iter().zip(h.buckets.iter()) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "lbwasm_plugin_choose_duration_seconds_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                *le_ns as f64 / 1e9
+            );
+        }
+        let _ = writeln!(
+            out,
+            "lbwasm_plugin_choose_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+            h.count()
+        );
+        let _ = writeln!(
+            out,
+            "lbwasm_plugin_choose_duration_seconds_sum{{{labels}}} {}",
+            h.sum_ns as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "lbwasm_plugin_choose_duration_seconds_count{{{labels}}} {}",
+            h.count()
+        );
     }
 }
 
@@ -313,6 +389,17 @@ impl WorkerShard {
         s.buckets[bucket] += 1;
         s.sum_seconds += secs;
         s.count += 1;
+    }
+
+    /// Counts a request refused for `reason` (see `lbwasm_requests_refused_total`).
+    pub fn refused(&self, listener: usize, reason: &'static str) {
+        if let Some(slot) = self.listeners.get(listener) {
+            let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match s.refused.iter_mut().find(|(r, _)| *r == reason) {
+                Some(e) => e.1 += 1,
+                None => s.refused.push((reason, 1)),
+            }
+        }
     }
 
     /// Counts a retry.

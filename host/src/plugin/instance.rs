@@ -30,8 +30,9 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Instantiates `plugin` from its pre-instance and runs `configure` with its options.
-    pub fn new(plugin: &Plugin) -> Result<Self> {
+    /// Instantiates `plugin` from its pre-instance and runs `configure` with its options;
+    /// `deadline_ticks` bounds each `choose` (setup calls get [`SETUP_FACTOR`] times it).
+    pub fn new(plugin: &Plugin, deadline_ticks: u64) -> Result<Self> {
         let rt = plugin.runtime.inner();
         let limits = StoreLimitsBuilder::new()
             .memory_size(rt.config.max_memory)
@@ -48,7 +49,7 @@ impl Instance {
         let mut store = Store::new(&rt.engine, data);
         store.limiter(|d| &mut d.limits);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(rt.deadline_ticks * SETUP_FACTOR);
+        store.set_epoch_deadline(deadline_ticks * SETUP_FACTOR);
         let bindings = plugin
             .pre
             .instantiate(&mut store)
@@ -56,7 +57,7 @@ impl Instance {
         let mut instance = Instance {
             store,
             bindings,
-            deadline_ticks: rt.deadline_ticks,
+            deadline_ticks,
         };
         instance.arm_setup();
         match instance
@@ -67,6 +68,11 @@ impl Instance {
             Ok(Err(msg)) => Err(anyhow!("refused its options: {msg}")),
             Err(e) => Err(describe_error("configure", &e)),
         }
+    }
+
+    /// Sets the per-request deadline (the listener's, which a reload may change).
+    pub fn set_deadline_ticks(&mut self, ticks: u64) {
+        self.deadline_ticks = ticks;
     }
 
     /// The per-request deadline, for `choose`.

@@ -21,8 +21,11 @@ mod selector;
 mod static_pool;
 mod types_text;
 
-pub use runtime::{Plugin, PluginSource, PluginStats, Runtime, RuntimeConfig, StatsSnapshot};
-pub use selector::{Fault, Pick, PickSource, Selector};
+pub use runtime::{
+    CHOOSE_BUCKETS_NS, ChooseHistogram, MAX_DESCRIPTION, Plugin, PluginSource, PluginStats,
+    Runtime, RuntimeConfig, StatsSnapshot,
+};
+pub use selector::{DEFAULT_BUDGET, Fault, Pick, PickSource, Selector};
 pub use static_pool::StaticPool;
 
 use http::{Method, Uri};

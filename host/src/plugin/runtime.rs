@@ -102,8 +102,7 @@ impl Runtime {
             })
             .context("starting the epoch ticker")?;
 
-        // +1: the deadline counts ticks from "now", which is already partly elapsed.
-        let deadline_ticks = (config.call_timeout.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+        let deadline_ticks = deadline_ticks(config.call_timeout);
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
@@ -168,10 +167,13 @@ impl Runtime {
             size: bytes.len(),
         };
         // One instance now: configure errors, start-up traps and describe() surface here.
-        let mut probe = Instance::new(&plugin).with_context(|| format!("plugin {name}"))?;
-        plugin.description = probe
+        let mut probe = Instance::new(&plugin, self.inner.deadline_ticks)
+            .with_context(|| format!("plugin {name}"))?;
+        let description = probe
             .describe()
             .with_context(|| format!("plugin {name}: describe()"))?;
+        plugin.description = checked_description(description)
+            .map_err(|e| anyhow!("plugin {name}: describe(): {e}"))?;
         drop(probe);
         // Counters touched by the probe's configure are reset so that every worker starts at 0.
         plugin.shared.reset();
@@ -202,6 +204,35 @@ impl Runtime {
     pub(super) fn inner(&self) -> &RuntimeInner {
         &self.inner
     }
+}
+
+/// Longest description a plugin may give: it is one line, shown by `lbwasm plugins`, the
+/// admin API and the dashboard (a plugin describing itself in megabytes would have every
+/// client of those carry them).
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// Refuses a description over [`MAX_DESCRIPTION`] bytes; control characters (newlines, escape
+/// sequences a terminal would obey) become spaces.
+fn checked_description(text: String) -> Result<String> {
+    if text.len() > MAX_DESCRIPTION {
+        bail!(
+            "the description is {} bytes; a plugin describes itself in one line of at most {MAX_DESCRIPTION} bytes",
+            text.len()
+        );
+    }
+    if text.chars().any(char::is_control) {
+        return Ok(text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect());
+    }
+    Ok(text)
+}
+
+/// Converts a call deadline to epoch ticks.
+pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
+    // +1: the deadline counts ticks from "now", which is already partly elapsed.
+    (timeout.as_micros() / TICK.as_micros()).max(1) as u64 + 1
 }
 
 /// Where a plugin comes from.
@@ -280,9 +311,21 @@ impl Plugin {
         self.stats.snapshot()
     }
 
-    /// A new instance for one worker thread.
+    /// Time spent in `choose`, summed over every worker.
+    pub fn choose_histogram(&self) -> ChooseHistogram {
+        self.stats.histogram()
+    }
+
+    /// A new instance for one worker thread; an error when no instance can be made.
     pub fn selector(self: &Arc<Self>) -> Result<Selector> {
         Selector::new(self.clone())
+    }
+
+    /// A selector for one proxy worker, even when no instance can be made now: it then
+    /// picks with the native fallback and retries the instance after a growing cool-down
+    /// (counted as `instantiation_failures`, logged).
+    pub fn worker_selector(self: &Arc<Self>) -> Selector {
+        Selector::new_or_fallback(self.clone())
     }
 }
 
@@ -318,6 +361,67 @@ pub struct WorkerStats {
     pub(super) fallbacks: AtomicU64,
     pub(super) refusals: AtomicU64,
     pub(super) reinstantiations: AtomicU64,
+    pub(super) instantiation_failures: AtomicU64,
+    /// Calls to `choose` by duration, per [`CHOOSE_BUCKETS_NS`] (last: above them all).
+    pub(super) choose_buckets: [AtomicU64; CHOOSE_BUCKETS_NS.len() + 1],
+    /// Total time in `choose`, ns.
+    pub(super) choose_ns: AtomicU64,
+}
+
+/// Upper bounds of the `choose` duration histogram, ns: a call normally takes 0.3 to 10 µs;
+/// the top buckets reach the default deadline (20 ms) and beyond.
+pub const CHOOSE_BUCKETS_NS: [u64; 15] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    100_000_000,
+];
+
+/// Time spent in `choose`: counts per bucket of [`CHOOSE_BUCKETS_NS`] (not cumulative; the
+/// last counts calls above every bound), and the total.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChooseHistogram {
+    /// Calls per bucket.
+    pub buckets: [u64; CHOOSE_BUCKETS_NS.len() + 1],
+    /// Sum of the calls' durations, ns.
+    pub sum_ns: u64,
+}
+
+impl ChooseHistogram {
+    /// Number of calls.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+impl WorkerStats {
+    /// Records one `choose` that took `ns`. Only the owning worker writes these counters, so
+    /// a plain load and store (no locked read-modify-write) is enough.
+    pub(super) fn record_choose(&self, ns: u64) {
+        let i = CHOOSE_BUCKETS_NS
+            .iter()
+            .position(|&le| ns <= le)
+            .unwrap_or(CHOOSE_BUCKETS_NS.len());
+        let bump = |a: &AtomicU64, by: u64| {
+            a.store(
+                a.load(Ordering::Relaxed).wrapping_add(by),
+                Ordering::Relaxed,
+            )
+        };
+        bump(&self.choose_buckets[i], 1);
+        bump(&self.choose_ns, ns);
+    }
 }
 
 /// Registry of the workers' counters.
@@ -344,6 +448,9 @@ pub struct StatsSnapshot {
     pub refusals: u64,
     /// Instances replaced after a fault.
     pub reinstantiations: u64,
+    /// Attempts to make an instance on a worker that failed (configure refused, trapped or
+    /// timed out); the worker used the native fallback meanwhile.
+    pub instantiation_failures: u64,
 }
 
 impl PluginStats {
@@ -382,7 +489,30 @@ impl PluginStats {
             fallbacks: g(&total.fallbacks),
             refusals: g(&total.refusals),
             reinstantiations: g(&total.reinstantiations),
+            instantiation_failures: g(&total.instantiation_failures),
         }
+    }
+
+    /// Sums every worker's `choose` durations.
+    pub fn histogram(&self) -> ChooseHistogram {
+        let mut out = ChooseHistogram::default();
+        let mut take = |w: &WorkerStats| {
+            for (o, b) in out.buckets.iter_mut().zip(&w.choose_buckets) {
+                *o += b.load(Ordering::Relaxed);
+            }
+            out.sum_ns += w.choose_ns.load(Ordering::Relaxed);
+        };
+        take(&self.retired);
+        for w in self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+        {
+            take(&w);
+        }
+        out
     }
 }
 
@@ -395,8 +525,13 @@ fn add(into: &WorkerStats, from: &WorkerStats) {
         (&into.fallbacks, &from.fallbacks),
         (&into.refusals, &from.refusals),
         (&into.reinstantiations, &from.reinstantiations),
+        (&into.instantiation_failures, &from.instantiation_failures),
+        (&into.choose_ns, &from.choose_ns),
     ];
-    for (a, b) in pairs {
+    for (a, b) in pairs
+        .into_iter()
+        .chain(into.choose_buckets.iter().zip(&from.choose_buckets))
+    {
         a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }

@@ -282,6 +282,24 @@ impl Backend {
         latency: Option<(Duration, u64)>,
         eject_after: u32,
     ) -> bool {
+        self.record_head(shard, latency);
+        if ok {
+            self.clear_streak();
+            return false;
+        }
+        self.fail(&self.shards[shard], eject_after)
+    }
+
+    /// A failure streak ends with a success. Read first: the common case writes nothing
+    /// (no cache-line ping-pong).
+    fn clear_streak(&self) {
+        if self.streak.failures.load(Ordering::Relaxed) != 0 {
+            self.streak.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request and its latency, not yet its outcome.
+    fn record_head(&self, shard: usize, latency: Option<(Duration, u64)>) {
         let shard = &self.shards[shard];
         shard.requests.fetch_add(1, Ordering::Relaxed);
         if let Some((l, stamp_us)) = latency {
@@ -295,18 +313,22 @@ impl Backend {
                 h.saturating_record(us);
             }
         }
-        if ok {
-            // Read first: the common case writes nothing (no cache-line ping-pong).
-            if self.streak.failures.load(Ordering::Relaxed) != 0 {
-                self.streak.failures.store(0, Ordering::Relaxed);
-            }
-            return false;
-        }
+    }
+
+    /// Counts a failure in `shard` and the streak; true when it asks for an ejection.
+    fn fail(&self, shard: &Shard, eject_after: u32) -> bool {
         shard.failures.fetch_add(1, Ordering::Relaxed);
         let streak = self.streak.failures.fetch_add(1, Ordering::Relaxed) + 1;
         eject_after > 0
             && streak >= eject_after
             && !self.streak.eject_pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// Counts a failure seen outside any request: bytes the backend sent on an idle
+    /// connection, which nobody asked for (a desynchronised or hostile backend). Returns
+    /// true when it should be ejected, as [`InFlight::finish`] does.
+    pub fn failed_unasked(&self, eject_after: u32) -> bool {
+        self.fail(&self.shards[shard()], eject_after)
     }
 
     /// The control plane decided about an ejection request (done or refused): the next
@@ -440,6 +462,35 @@ impl InFlight {
             Some((latency, clock_us_at(at))),
             eject_after,
         )
+    }
+}
+
+impl InFlight {
+    /// The head of a successful response that a body follows arrived `at`: the request and
+    /// its latency are recorded now, its outcome when the body ends ([`InFlight::completed`]
+    /// or [`InFlight::failed_late`]) — a backend whose bodies always break must not have
+    /// its failure streak reset by each head.
+    pub fn answered_head(&mut self, at: Instant) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let latency = at.saturating_duration_since(self.start);
+        self.backend
+            .record_head(self.shard, Some((latency, clock_us_at(at))));
+    }
+
+    /// The body announced by [`InFlight::answered_head`] arrived whole.
+    pub fn completed(&mut self) {
+        self.backend.clear_streak();
+    }
+
+    /// The backend failed after its answer was recorded (a body cut short, stalled or
+    /// malformed): counts one failure more, without counting the request twice. Returns
+    /// true when it should be ejected.
+    pub fn failed_late(&mut self, eject_after: u32) -> bool {
+        self.finished = true;
+        self.backend
+            .fail(&self.backend.shards[self.shard], eject_after)
     }
 }
 

@@ -12,6 +12,7 @@
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use super::access_log::Pending;
 use super::client::{BackendConn, Checkin};
 use super::h1::ClientBody;
 use super::http::ActivityGuard;
+use super::worker::LocalListener;
 use crate::pool::InFlight;
 
 /// Read size while streaming a body.
@@ -52,6 +54,7 @@ struct Tail {
     activity: Option<ActivityGuard>,
     /// Boxed: a response is moved several times, and most listeners keep no log.
     log: Option<Box<Pending>>,
+    blame: Option<Blame>,
 }
 
 impl Tail {
@@ -59,19 +62,46 @@ impl Tail {
         self.in_flight = None;
         self.activity = None;
         self.log = None;
+        self.blame = None;
     }
+
+    /// A backend's body arrived whole.
+    fn completed(&mut self) {
+        if let (Some(guard), Some(_)) = (&mut self.in_flight, &self.blame) {
+            guard.completed();
+        }
+    }
+
+    /// The backend cut or stalled the body after its head: a failure of that backend
+    /// for passive health, like one before the head.
+    fn backend_failed(&mut self) {
+        if let (Some(guard), Some(blame)) = (&mut self.in_flight, &self.blame)
+            && guard.failed_late(blame.passive)
+        {
+            blame.local.shared.eject(guard.backend().clone());
+        }
+    }
+}
+
+/// Who hears of a backend body that fails: the worker's listener (which asks the control
+/// plane for an ejection), with its passive-health threshold.
+pub(crate) struct Blame {
+    pub(crate) local: Rc<LocalListener>,
+    pub(crate) passive: u32,
 }
 
 /// Boxed so that hyper can take any error.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResBody {
-    /// A backend's body; `in_flight` is released when it ends.
-    pub(crate) fn backend(body: BackendBody, in_flight: InFlight) -> Self {
+    /// A backend's body; `in_flight` is released when it ends, and `blame` told if the
+    /// backend fails it.
+    pub(crate) fn backend(body: BackendBody, in_flight: InFlight, blame: Blame) -> Self {
         ResBody {
             kind: Kind::Backend(body),
             tail: Tail {
                 in_flight: Some(in_flight),
+                blame: Some(blame),
                 ..Tail::default()
             },
         }
@@ -145,8 +175,20 @@ impl Body for ResBody {
             line.sent += data.len() as u64;
         }
         match &polled {
-            None | Some(Err(_)) => this.tail.release(),
-            Some(Ok(_)) if this.ended() => this.tail.release(),
+            Some(Err(_)) => {
+                if !matches!(&this.kind, Kind::Backend(b) if b.client_fault) {
+                    this.tail.backend_failed();
+                }
+                this.tail.release();
+            }
+            None => {
+                this.tail.completed();
+                this.tail.release();
+            }
+            Some(Ok(_)) if this.ended() => {
+                this.tail.completed();
+                this.tail.release();
+            }
             Some(Ok(_)) => {}
         }
         Poll::Ready(polled)
@@ -310,6 +352,8 @@ pub(crate) struct BackendBody {
     /// Armed when a wait for the backend begins; boxed and made only for bodies that wait.
     stall: Option<Pin<Box<Sleep>>>,
     waiting: bool,
+    /// The body failed by the client's doing (its request body stalled or broke).
+    client_fault: bool,
 }
 
 enum State {
@@ -341,6 +385,7 @@ impl BackendBody {
             idle,
             stall: None,
             waiting: false,
+            client_fault: false,
         };
         if matches!(body.state, State::Length(0)) {
             body.finish();
@@ -448,7 +493,11 @@ impl BackendBody {
         };
         self.waiting = true;
         ready!(stall.as_mut().poll(cx));
-        self.conn = None;
+        // A backend that waits for a request body the client does not send is not at fault.
+        self.client_fault = self
+            .conn
+            .take()
+            .is_some_and(|conn| conn.waiting_on_client());
         Poll::Ready(Some(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("backend sent no byte of the body for {:?}", self.idle),
@@ -485,12 +534,12 @@ fn poll_fill(conn: &mut BackendConn, cx: &mut Context<'_>) -> Poll<io::Result<us
 /// The chunked transfer coding, decoded in place (RFC 9112 §7.1): data comes out as slices
 /// of the read buffer; extensions and trailers are read and dropped (an HTTP/1.1 hop's
 /// trailers are not forwarded).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct ChunkDecoder {
     state: ChunkState,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 enum ChunkState {
     #[default]
     Size,
@@ -525,20 +574,11 @@ impl ChunkDecoder {
                             Ok(Decoded::More)
                         };
                     };
+                    if end >= MAX_CHUNK_LINE {
+                        return Err("chunk size line too long".into());
+                    }
                     let line = buf.split_to(end + 1);
-                    let Some(line) = line.strip_suffix(b"\r\n") else {
-                        return Err("chunk size line not ended by CRLF".into());
-                    };
-                    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-                    if digits == 0 || digits > 16 {
-                        return Err("invalid chunk size".into());
-                    }
-                    match line[digits..].first() {
-                        None | Some(b';' | b' ' | b'\t') => {}
-                        Some(_) => return Err("invalid chunk size".into()),
-                    }
-                    let hex = std::str::from_utf8(&line[..digits]).map_err(|e| e.to_string())?;
-                    let size = u64::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
+                    let size = chunk_size(&line)?;
                     self.state = if size == 0 {
                         ChunkState::Trailers(0)
                     } else {
@@ -576,16 +616,90 @@ impl ChunkDecoder {
                             Ok(Decoded::More)
                         };
                     };
+                    if seen + end >= MAX_TRAILERS {
+                        return Err("trailer section too large".into());
+                    }
                     let line = buf.split_to(end + 1);
-                    if &line[..] == b"\r\n" {
+                    // Strict, so that what follows a body (the next pipelined request) can
+                    // never be taken for trailer lines: CRLF only, and a field line each.
+                    let Some(field) = line.strip_suffix(b"\r\n") else {
+                        return Err("trailer line not ended by CRLF".into());
+                    };
+                    if field.is_empty() {
                         self.state = ChunkState::Done;
                     } else {
+                        trailer_field(field)?;
                         self.state = ChunkState::Trailers(seen + line.len());
                     }
                 }
             }
         }
     }
+
+    /// Checks the chunked bytes already at hand without consuming them: a request whose
+    /// framing is broken in what arrived with its head is refused before anything goes
+    /// to a backend.
+    pub(crate) fn check(&self, bytes: &[u8]) -> Result<(), String> {
+        let mut probe = ChunkDecoder {
+            state: self.state.clone(),
+        };
+        let mut buf = BytesMut::from(bytes);
+        loop {
+            match probe.decode(&mut buf)? {
+                Decoded::Data(_) => {}
+                Decoded::More | Decoded::Done => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The size of a chunk from its size line (`1a;name=value\r\n`), RFC 9112 §7.1. Refused:
+/// a bare LF, no digits, more than fits a signed 64-bit length (NGINX's bound too), and
+/// control characters in the extensions.
+fn chunk_size(line: &[u8]) -> Result<u64, String> {
+    let Some(line) = line.strip_suffix(b"\r\n") else {
+        return Err("chunk size line not ended by CRLF".into());
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err("invalid chunk size".into());
+    }
+    let hex = &line[..digits];
+    let significant = hex.iter().skip_while(|&&b| b == b'0').count();
+    if significant > 16 {
+        return Err("chunk size too large".into());
+    }
+    let size = hex.iter().fold(0u64, |n, &b| {
+        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+        n.wrapping_shl(4) | d
+    });
+    if size > i64::MAX as u64 {
+        return Err("chunk size too large".into());
+    }
+    let rest = &line[digits..];
+    match rest.iter().find(|&&b| b != b' ' && b != b'\t') {
+        None | Some(b';') => {}
+        Some(_) => return Err("invalid chunk size".into()),
+    }
+    if rest.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err("control character in a chunk extension".into());
+    }
+    Ok(size)
+}
+
+/// A trailer line must be a field line (`name: value`): a token, a colon, no control
+/// characters but HTAB, and no obsolete line folding.
+fn trailer_field(line: &[u8]) -> Result<(), String> {
+    let colon = line.iter().position(|&b| b == b':');
+    let name = colon.map_or(line, |c| &line[..c]);
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if colon.is_none() || name.is_empty() || !name.iter().all(token) {
+        return Err("invalid trailer field".into());
+    }
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err("control character in a trailer field".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -729,5 +843,90 @@ mod tests {
             .is_err()
         );
         assert!(Framing::of(ok, v11, &h(&[("content-length", "+3")]), false).is_err());
+    }
+}
+
+/// Generated inputs for the parsers' property tests (request heads, response heads,
+/// chunked bodies): random valid messages, random ways to split them, random mutations.
+#[cfg(test)]
+pub(crate) mod generated {
+    use rand::rngs::SmallRng;
+    use rand::{Rng as _, SeedableRng as _};
+
+    /// The generator for test case `case`: every run sees the same inputs.
+    pub(crate) fn rng(case: u64) -> SmallRng {
+        SmallRng::seed_from_u64(0x6c62_7761_736d ^ case.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// Printable bytes for names and values.
+    pub(crate) fn word(rng: &mut SmallRng, max: usize) -> String {
+        let n = rng.random_range(1..=max);
+        (0..n)
+            .map(|_| b"abcdefghijklmnopqrstuvwxyz0123456789-"[rng.random_range(0..37)] as char)
+            .collect()
+    }
+
+    /// `data` in the chunked coding: random chunk sizes (hex in either case, leading
+    /// zeros), extensions and trailers.
+    pub(crate) fn chunked(rng: &mut SmallRng, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = rng.random_range(1..=rest.len());
+            let size = if rng.random_bool(0.5) {
+                format!("{n:x}")
+            } else {
+                format!("0{n:X}")
+            };
+            out.extend_from_slice(size.as_bytes());
+            if rng.random_bool(0.3) {
+                out.extend_from_slice(format!(";{}={}", word(rng, 5), word(rng, 5)).as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+        }
+        out.extend_from_slice(b"0\r\n");
+        for _ in 0..rng.random_range(0..3) {
+            out.extend_from_slice(format!("x-{}: {}\r\n", word(rng, 6), word(rng, 8)).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// A random body.
+    pub(crate) fn body(rng: &mut SmallRng) -> Vec<u8> {
+        let n = rng.random_range(0..200);
+        (0..n).map(|_| rng.random()).collect()
+    }
+
+    /// Cut points for `len` bytes: sorted, inside the input.
+    pub(crate) fn splits(rng: &mut SmallRng, len: usize) -> Vec<usize> {
+        let mut cuts: Vec<usize> = (0..rng.random_range(1..8))
+            .map(|_| rng.random_range(0..=len))
+            .collect();
+        cuts.sort_unstable();
+        cuts
+    }
+
+    /// `input` with one random mutation: a byte changed, dropped, doubled, or a CR, LF,
+    /// NUL, space, colon or semicolon put in. Returns the position mutated too.
+    pub(crate) fn mutate(
+        rng: &mut SmallRng,
+        input: &[u8],
+        within: std::ops::Range<usize>,
+    ) -> (Vec<u8>, usize) {
+        let mut out = input.to_vec();
+        let at = rng.random_range(within);
+        match rng.random_range(0..4) {
+            0 => out[at] = rng.random(),
+            1 => {
+                out.remove(at);
+            }
+            2 => out.insert(at, out[at]),
+            _ => out.insert(at, b"\r\n\0 :;"[rng.random_range(0..6)]),
+        }
+        (out, at)
     }
 }

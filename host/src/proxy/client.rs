@@ -14,7 +14,7 @@
 //! that could not be repeated, and found out by the exchange itself for the others (which
 //! then go again on a fresh connection); the sweeper closes dead idle ones.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
@@ -43,6 +43,9 @@ const MAX_IDLE: usize = 256;
 const IDLE_TTL: Duration = Duration::from_secs(30);
 /// The largest response head accepted (status line and headers).
 const MAX_HEAD: usize = 64 * 1024;
+/// Interim (1xx) responses accepted before the final one: a backend streaming them
+/// forever would keep the request busy for nothing.
+const MAX_INTERIM: usize = 16;
 /// Read buffer: one allocation per response head, grown for large heads only.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -97,25 +100,35 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ConnPool {
-    /// A pooled connection to `backend` if one is usable, else a new one. `probe`: make
-    /// sure first that the backend has not closed it, for a request that could not be sent
-    /// again if it had (costs a system call; a replayable request is simply retried on a
-    /// fresh connection if it meets a closed one).
+    /// A pooled connection to `backend` if one is provably clean, else a new one. Every
+    /// idle connection is peeked at first (one system call): one the backend closed is
+    /// dropped, and one on which it sent bytes nobody asked for (a second response, a body
+    /// after a HEAD answer) is dropped too and `unsolicited` is called, never handed to a
+    /// request, whose client would read those bytes as its answer.
     pub(crate) async fn get(
         &self,
         backend: u32,
         addr: SocketAddr,
         connect_timeout: Duration,
-        probe: bool,
+        unsolicited: impl FnOnce(usize),
     ) -> Result<Conn, ConnectError> {
+        let mut unsolicited = Some(unsolicited);
         loop {
             let idle = self.idle.borrow_mut().get_mut(&backend).and_then(Vec::pop);
             let Some(idle) = idle else { break };
-            if !probe || idle.conn.is_usable() {
-                return Ok(Conn {
-                    conn: idle.conn,
-                    reused: true,
-                });
+            match idle.conn.idle_state() {
+                IdleState::Clean => {
+                    return Ok(Conn {
+                        conn: idle.conn,
+                        reused: true,
+                    });
+                }
+                IdleState::Closed => {}
+                IdleState::Unsolicited(n) => {
+                    if let Some(report) = unsolicited.take() {
+                        report(n);
+                    }
+                }
             }
         }
         self.connect(addr, connect_timeout).await
@@ -140,6 +153,7 @@ impl ConnPool {
                 out: Vec::new(),
                 upload: None,
                 upload_task: None,
+                upload_state: Rc::new(Cell::new(Upload::Moving)),
             },
             reused: false,
         })
@@ -153,7 +167,9 @@ impl ConnPool {
         }
     }
 
-    fn put(&self, backend: u32, conn: BackendConn) {
+    fn put(&self, backend: u32, mut conn: BackendConn) {
+        // Idle, a connection holds no read buffer: the next response takes one.
+        conn.buf = BytesMut::new();
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(backend).or_default();
         if list.len() < MAX_IDLE {
@@ -164,12 +180,26 @@ impl ConnPool {
         }
     }
 
-    /// Closes idle connections that are stale or that their backend closed, and forgets
-    /// the lists of backends that are gone.
+    /// Closes idle connections that are stale, that their backend closed or that carry
+    /// bytes nobody asked for, and forgets the lists of backends that are gone.
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
-        self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|c| now.duration_since(c.since) < IDLE_TTL && c.conn.is_usable());
+        self.idle.borrow_mut().retain(|backend, list| {
+            list.retain(|c| {
+                now.duration_since(c.since) < IDLE_TTL
+                    && match c.conn.idle_state() {
+                        IdleState::Clean => true,
+                        IdleState::Closed => false,
+                        IdleState::Unsolicited(bytes) => {
+                            tracing::warn!(
+                                backend,
+                                bytes,
+                                "backend sent bytes on an idle connection; closed it"
+                            );
+                            false
+                        }
+                    }
+            });
             !list.is_empty()
         });
     }
@@ -188,6 +218,30 @@ pub(crate) struct BackendConn {
     /// The upload's task, stopped with the connection: a backend that answered early and
     /// stopped reading must not keep the client's body flowing into nowhere.
     upload_task: Option<AbortOnDrop>,
+    /// Where the upload of a request body stands: waiting for the client's next bytes, or
+    /// failed by the client, a backend that waits too is not at fault.
+    upload_state: Rc<Cell<Upload>>,
+}
+
+/// Where the upload of a request body stands, as the response side sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upload {
+    /// No upload, or it is writing to the backend, or it is done.
+    Moving,
+    /// Waiting for the client to send more.
+    WaitingOnClient,
+    /// The client's body failed (bad framing, the client went away).
+    ClientFailed,
+}
+
+/// What an idle connection holds when it is looked at.
+enum IdleState {
+    /// Nothing: it can carry a request.
+    Clean,
+    /// The backend closed it (or it failed).
+    Closed,
+    /// Bytes nobody asked for (at least this many).
+    Unsolicited(usize),
 }
 
 /// Aborts a task when dropped.
@@ -245,20 +299,27 @@ pub(crate) struct BackendHead {
 }
 
 impl BackendConn {
-    /// Whether an idle connection can carry a request: the backend has neither closed it
-    /// nor sent anything unasked. Costs a system call only when the socket was marked
-    /// readable.
-    fn is_usable(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-            Ok(_) => false, // 0: closed; >0: bytes nobody asked for
+    /// Looks at an idle connection without consuming anything: a non-blocking peek, so
+    /// that bytes the reactor has not reported yet are seen too.
+    fn idle_state(&self) -> IdleState {
+        let mut probe = [MaybeUninit::<u8>::uninit(); 64];
+        match socket2::SockRef::from(&*self.stream).peek(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleState::Clean,
+            Err(_) | Ok(0) => IdleState::Closed,
+            Ok(n) => IdleState::Unsolicited(n),
         }
+    }
+
+    /// Whether the backend's silence is the client's doing: the request body it waits for
+    /// is stalled or broken on the client's side.
+    pub(crate) fn waiting_on_client(&self) -> bool {
+        self.upload_state.get() != Upload::Moving
     }
 
     /// Sends `head` (already prepared for the backend) from `client` (its `X-Forwarded-For`
     /// element) with `body`, and reads the response
     /// head. `head_only`: a HEAD request, whose response has no body whatever it says.
+    /// `via`: add a `Via` field (a listener setting, off by default).
     ///
     /// A body goes up in its own task, full duplex: a backend may answer before it has read
     /// all of it (an early 413, or an echo that streams), and must not be left blocked
@@ -267,10 +328,11 @@ impl BackendConn {
     /// reused.
     pub(crate) async fn send(
         &mut self,
-        head: &ReqHead,
+        req: &ReqHead,
         client: &HeaderValue,
         body: &mut Option<ReqBody>,
         head_only: bool,
+        via: bool,
     ) -> Result<(BackendHead, Framing), SendError> {
         let fail = |kind, sent, body_used| SendError {
             kind,
@@ -283,8 +345,9 @@ impl BackendConn {
         let chunked = !bodyless && length.is_none();
         headers::encode_request(
             &mut self.out,
-            head,
+            req,
             client,
+            via,
             if bodyless { None } else { length },
             chunked,
         );
@@ -296,14 +359,17 @@ impl BackendConn {
         let mut uploading = None;
         if !bodyless && let Some(mut body) = body.take() {
             body.start();
+            self.upload_state.set(Upload::Moving);
             let (tx, rx) = oneshot::channel();
             let stream = self.stream.clone();
+            let state = self.upload_state.clone();
             self.upload_task = Some(AbortOnDrop(tokio::task::spawn_local(async move {
-                let _ = tx.send(upload(&stream, body, chunked).await);
+                let _ = tx.send(upload(&stream, body, chunked, &state).await);
             })));
             uploading = Some(rx);
         }
         self.buf.clear();
+        let mut interim = 0;
         loop {
             let head = match uploading.as_mut() {
                 None => self.read_head(head_only).await,
@@ -329,9 +395,30 @@ impl BackendConn {
                 e.nothing_back = read == 0;
                 e
             })?;
+            // A switch nobody asked for: the connection now speaks something else, and the
+            // request got no answer. The backend's fault, and retried like one.
+            if head.status == StatusCode::SWITCHING_PROTOCOLS && !req.upgrade {
+                return Err(SendError {
+                    kind: SendErrorKind::Invalid("switched protocols unasked".into()),
+                    sent: true,
+                    body_used: !bodyless,
+                    nothing_back: false,
+                });
+            }
             // Interim answers (100 Continue, 103 Early Hints) are not forwarded: the final
             // one follows on the same connection.
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                interim += 1;
+                if interim > MAX_INTERIM {
+                    return Err(SendError {
+                        kind: SendErrorKind::Invalid(format!(
+                            "more than {MAX_INTERIM} interim responses"
+                        )),
+                        sent: true,
+                        body_used: !bodyless,
+                        nothing_back: false,
+                    });
+                }
                 continue;
             }
             // Answered before all of the body went up: it goes on going up while the
@@ -397,10 +484,28 @@ impl BackendConn {
 }
 
 /// Streams the client's body to the backend, chunk-encoded when its length is unknown.
-async fn upload(stream: &TcpStream, mut body: ReqBody, chunked: bool) -> Result<(), SendErrorKind> {
+async fn upload(
+    stream: &TcpStream,
+    mut body: ReqBody,
+    chunked: bool,
+    state: &Cell<Upload>,
+) -> Result<(), SendErrorKind> {
     let mut framed = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(SendErrorKind::ClientBody)?;
+    loop {
+        state.set(Upload::WaitingOnClient);
+        let frame = body.frame().await;
+        let Some(frame) = frame else {
+            state.set(Upload::Moving);
+            break;
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                state.set(Upload::ClientFailed);
+                return Err(SendErrorKind::ClientBody(e));
+            }
+        };
+        state.set(Upload::Moving);
         let Ok(data) = frame.into_data() else {
             continue; // trailers: an HTTP/1.1 backend gets none
         };
@@ -472,7 +577,7 @@ fn parse_head(
     // Framing and hop-by-hop headers from the raw head, in one pass: the map then never
     // holds what would only be removed again.
     let framing = Framing::of(status, version, res.headers, head_only)?;
-    let hop = headers::HopByHop::of(res.headers, status == StatusCode::SWITCHING_PROTOCOLS);
+    let hop = headers::HopByHop::of(res.headers, status == StatusCode::SWITCHING_PROTOCOLS)?;
     let mut store = headers::span_store();
     let spans = headers::spans(buf.as_ptr(), res.headers, &mut store);
     let head: Bytes = buf.split_to(len).freeze();
@@ -519,6 +624,169 @@ mod tests {
         );
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
         assert!(parse_head(&mut garbage, false).is_err());
+    }
+
+    /// A response as the tests see it after parsing: status, fields, body.
+    type Seen = (u16, Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>);
+
+    /// Parses `input` as a backend's responses to pipelined GETs, arriving in the pieces
+    /// that `cuts` make: heads by [`parse_head`], bodies by their framing, as
+    /// `BackendBody` reads them.
+    fn decode_stream(input: &[u8], cuts: &[usize]) -> Result<Vec<Seen>, String> {
+        use crate::proxy::body::{ChunkDecoder, Decoded};
+        let mut pieces = Vec::new();
+        let mut from = 0;
+        for &cut in cuts {
+            pieces.push(&input[from..cut]);
+            from = cut;
+        }
+        pieces.push(&input[from..]);
+        let mut feed = pieces.into_iter();
+        let mut more = |buf: &mut BytesMut| match feed.next() {
+            Some(p) => {
+                buf.extend_from_slice(p);
+                true
+            }
+            None => false,
+        };
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        loop {
+            let (head, framing) = loop {
+                if !buf.is_empty() {
+                    match parse_head(&mut buf, false)? {
+                        Some(h) => break h,
+                        None if buf.len() >= MAX_HEAD => return Err("head too large".into()),
+                        None => {}
+                    }
+                }
+                if !more(&mut buf) {
+                    return if buf.is_empty() {
+                        Ok(out)
+                    } else {
+                        Err("incomplete head".into())
+                    };
+                }
+            };
+            let mut body = Vec::new();
+            match framing {
+                Framing::Length(n, _) => {
+                    let mut left = n as usize;
+                    while left > 0 {
+                        if buf.is_empty() && !more(&mut buf) {
+                            return Err("incomplete body".into());
+                        }
+                        let k = left.min(buf.len());
+                        body.extend_from_slice(&buf.split_to(k));
+                        left -= k;
+                    }
+                }
+                Framing::Chunked(_) => {
+                    let mut decoder = ChunkDecoder::default();
+                    loop {
+                        match decoder.decode(&mut buf)? {
+                            Decoded::Data(b) => body.extend_from_slice(&b),
+                            Decoded::Done => break,
+                            Decoded::More if more(&mut buf) => {}
+                            Decoded::More => return Err("incomplete chunked body".into()),
+                        }
+                    }
+                }
+                Framing::Close => {
+                    body.extend_from_slice(&buf.split());
+                    while more(&mut buf) {
+                        body.extend_from_slice(&buf.split());
+                    }
+                }
+            }
+            let fields = head.fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec()));
+            out.push((head.status.as_u16(), fields.collect(), body));
+        }
+    }
+
+    /// A random valid response (delimited by its length or chunked, unless `last`, which
+    /// may run to the close) and how it must parse.
+    fn random_response(rng: &mut rand::rngs::SmallRng, last: bool) -> (Vec<u8>, Seen) {
+        use crate::proxy::body::generated::{body, chunked, word};
+        use rand::Rng as _;
+        let status = [200u16, 201, 204, 304, 404, 500][rng.random_range(0..6)];
+        let mut fields = Vec::new();
+        for _ in 0..rng.random_range(0..6) {
+            fields.push((
+                format!("X-{}", word(rng, 8)).into_bytes(),
+                word(rng, 20).into_bytes(),
+            ));
+        }
+        let bodiless = status == 204 || status == 304;
+        let data = if bodiless { Vec::new() } else { body(rng) };
+        let framing = rng.random_range(0..if last { 3 } else { 2 });
+        if !bodiless && framing == 0 {
+            fields.push((
+                b"Content-Length".to_vec(),
+                data.len().to_string().into_bytes(),
+            ));
+        }
+        let mut raw = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+        for (n, v) in &fields {
+            raw.extend_from_slice(n);
+            raw.extend_from_slice(b": ");
+            raw.extend_from_slice(v);
+            raw.extend_from_slice(b"\r\n");
+        }
+        if !bodiless && framing == 1 {
+            raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        match framing {
+            _ if bodiless => {}
+            1 => raw.extend_from_slice(&chunked(rng, &data)),
+            _ => raw.extend_from_slice(&data),
+        }
+        (raw, (status, fields, data))
+    }
+
+    #[test]
+    fn responses_parse_the_same_however_they_are_split() {
+        use crate::proxy::body::generated::{rng, splits};
+        for case in 0..300 {
+            let mut rng = rng(case);
+            let mut input = Vec::new();
+            let mut expected = Vec::new();
+            for i in 0..3 {
+                let (raw, seen) = random_response(&mut rng, i == 2);
+                input.extend_from_slice(&raw);
+                expected.push(seen);
+            }
+            let whole = decode_stream(&input, &[]);
+            assert_eq!(whole, Ok(expected), "case {case}");
+            for cut in 0..=input.len() {
+                assert_eq!(
+                    decode_stream(&input, &[cut]),
+                    whole,
+                    "case {case}, cut {cut}"
+                );
+            }
+            for _ in 0..20 {
+                let cuts = splits(&mut rng, input.len());
+                assert_eq!(decode_stream(&input, &cuts), whole, "case {case}, {cuts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_responses_fail_cleanly_whatever_the_split() {
+        use crate::proxy::body::generated::{mutate, rng, splits};
+        for case in 0..3000 {
+            let mut rng = rng(case);
+            let (mut input, _) = random_response(&mut rng, false);
+            let (next, _) = random_response(&mut rng, false);
+            let first = input.len();
+            input.extend_from_slice(&next);
+            let (input, _) = mutate(&mut rng, &input, 0..first);
+            let whole = decode_stream(&input, &[]);
+            let cuts = splits(&mut rng, input.len());
+            assert_eq!(decode_stream(&input, &cuts), whole, "case {case}: {cuts:?}");
+        }
     }
 
     #[test]

@@ -90,15 +90,19 @@ fn reject(status: StatusCode, why: impl Into<String>) -> Reject {
 
 /// Serves HTTP/1.1 on `stream` until the client closes, stays silent for `idle` between
 /// requests, or the worker drains (the exchange in progress finishes first).
+///
+/// An idle keep-alive connection holds only its socket, two timers and this small future
+/// (NGINX's approach): the read buffer is released while no request is in progress and
+/// taken again when bytes arrive, and each exchange's state (forwarding, the response
+/// being written) lives in an allocation of its own for the exchange's life.
 pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>, idle: Duration) {
-    let io = Rc::new(ClientIo {
+    let mut io = Rc::new(ClientIo {
         stream,
-        buf: RefCell::new(BytesMut::with_capacity(READ_CHUNK)),
+        buf: RefCell::new(BytesMut::new()),
         body_done: Cell::new(true),
         responded: Cell::new(false),
         idle,
     });
-    let mut out = Vec::with_capacity(READ_CHUNK);
     // Two timers for the connection's life, re-armed only when they fire early: the idle
     // one, and the one for each exchange's request timeout (armed at its first use).
     let timer = tokio::time::sleep(idle);
@@ -112,64 +116,100 @@ pub(super) async fn serve(ctx: Rc<ConnCtx>, stream: TcpStream, drain: Rc<Drain>,
             Next::Closed => return,
             Next::Reject(Reject(status, why)) => {
                 tracing::debug!(peer = %ctx.peer(), %status, %why, "refused a request");
-                let res = ctx.refusal(status, why);
-                let _ = write_response(&io, &mut out, res, false, Version::HTTP_11, true).await;
-                linger(&io).await;
+                Box::pin(refuse(&ctx, &io, status, why)).await;
                 return;
             }
         };
-        let Head {
-            req,
-            body,
-            keep_alive,
-            expect_continue,
-        } = head;
-        let head_only = req.method == Method::HEAD;
-        let version = req.version;
-        io.responded.set(false);
-        io.body_done.set(body.is_none());
-        let body = body.map(|framing| {
-            ReqBody::H1(ClientBody {
-                io: io.clone(),
-                state: match framing {
-                    BodyFraming::Length(n) => ClientState::Length(n),
-                    BodyFraming::Chunked => ClientState::Chunked(ChunkDecoder::default()),
-                },
-                continue_left: if expect_continue { CONTINUE.len() } else { 0 },
-            })
-        });
-        let mut res = ctx.exchange(req, body, Some(request_timer.as_mut())).await;
-        io.responded.set(true);
-        if let Some((conn, in_flight)) = res.body.take_switch() {
-            // 101: the head goes out as the backend sent it, then bytes both ways.
-            if write_response(&io, &mut out, res, true, version, false)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let _in_flight = in_flight; // counted for the tunnel's life
-            let early = io.buf.borrow_mut().split().freeze();
-            let Ok(io) = Rc::try_unwrap(io) else { return };
-            if let Err(error) = tunnel::switched(io.stream, early, conn, idle).await {
-                tracing::debug!(peer = %ctx.peer(), %error, "upgraded connection ended with an error");
-            }
-            return;
-        }
-        let close = !keep_alive || drain.is_draining();
-        let clean = write_response(&io, &mut out, res, head_only, version, close).await;
+        let exchange = exchange(&ctx, io, head, &drain, request_timer.as_mut(), idle);
+        io = match Box::pin(exchange).await {
+            Some(io) => io,
+            None => return,
+        };
         last = tokio::time::Instant::now();
-        match clean {
-            Ok(true) if !close && io.body_done.get() => {}
-            Ok(_) if !io.body_done.get() || !io.buf.borrow().is_empty() => {
-                // Request bytes left unread (a body, or requests pipelined after the last
-                // one, which may go on in the kernel's buffer): closing now would answer
-                // them with a reset that can destroy the response unread. NGINX lingers
-                // in the same cases.
-                linger(&io).await;
-                return;
-            }
-            _ => return,
+        io.release_if_idle();
+    }
+}
+
+/// Answers a request refused before it was forwarded, and closes.
+async fn refuse(ctx: &ConnCtx, io: &ClientIo, status: StatusCode, why: String) {
+    let res = ctx.refusal(status, why);
+    let mut out = Vec::new();
+    let _ = write_response(io, &mut out, res, false, Version::HTTP_11, true).await;
+    linger(io).await;
+}
+
+/// One request: forwarded, answered, and (for a protocol switch) tunnelled. Returns the
+/// connection when it can carry the next request.
+async fn exchange(
+    ctx: &ConnCtx,
+    io: Rc<ClientIo>,
+    head: Head,
+    drain: &Drain,
+    request_timer: Pin<&mut tokio::time::Sleep>,
+    idle: Duration,
+) -> Option<Rc<ClientIo>> {
+    let Head {
+        req,
+        body,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let head_only = req.method == Method::HEAD;
+    let version = req.version;
+    io.responded.set(false);
+    io.body_done.set(body.is_none());
+    let body = body.map(|framing| {
+        ReqBody::H1(ClientBody {
+            io: io.clone(),
+            state: match framing {
+                BodyFraming::Length(n) => ClientState::Length(n),
+                BodyFraming::Chunked => ClientState::Chunked(ChunkDecoder::default()),
+            },
+            continue_left: if expect_continue { CONTINUE.len() } else { 0 },
+        })
+    });
+    let mut res = ctx.exchange(req, body, Some(request_timer)).await;
+    io.responded.set(true);
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    if let Some((conn, in_flight)) = res.body.take_switch() {
+        // 101: the head goes out as the backend sent it, then bytes both ways.
+        if write_response(&io, &mut out, res, true, version, false)
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        let _in_flight = in_flight; // counted for the tunnel's life
+        let early = io.buf.borrow_mut().split().freeze();
+        let io = Rc::try_unwrap(io).ok()?;
+        if let Err(error) = tunnel::switched(io.stream, early, conn, idle).await {
+            tracing::debug!(peer = %ctx.peer(), %error, "upgraded connection ended with an error");
+        }
+        return None;
+    }
+    let close = !keep_alive || drain.is_draining();
+    let clean = write_response(&io, &mut out, res, head_only, version, close).await;
+    match clean {
+        Ok(true) if !close && io.body_done.get() => Some(io),
+        Ok(_) if !io.body_done.get() || !io.buf.borrow().is_empty() => {
+            // Request bytes left unread (a body, or requests pipelined after the last
+            // one, which may go on in the kernel's buffer): closing now would answer
+            // them with a reset that can destroy the response unread. NGINX lingers
+            // in the same cases.
+            linger(&io).await;
+            None
+        }
+        _ => None,
+    }
+}
+
+impl ClientIo {
+    /// Between requests, with nothing read ahead: the read buffer goes back to the
+    /// allocator until the next bytes arrive.
+    fn release_if_idle(&self) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() && buf.capacity() > 0 {
+            *buf = BytesMut::new();
         }
     }
 }
@@ -198,6 +238,17 @@ async fn next_head(
             let mut buf = io.buf.borrow_mut();
             if !buf.is_empty() {
                 match parse_request(&mut buf) {
+                    // Broken chunked framing in what came with the head is refused before
+                    // anything goes to a backend (and so can never count against one).
+                    Ok(Some(head)) if head.body == Some(BodyFraming::Chunked) => {
+                        return match ChunkDecoder::default().check(&buf) {
+                            Ok(()) => Next::Head(head),
+                            Err(why) => Next::Reject(reject(
+                                StatusCode::BAD_REQUEST,
+                                format!("invalid chunked request body: {why}"),
+                            )),
+                        };
+                    }
                     Ok(Some(head)) => return Next::Head(head),
                     Ok(None) if buf.len() >= MAX_HEAD => {
                         return Next::Reject(reject(
@@ -208,9 +259,6 @@ async fn next_head(
                     Ok(None) => {}
                     Err(r) => return Next::Reject(r),
                 }
-            }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_CHUNK);
             }
             buf.is_empty()
         };
@@ -240,7 +288,12 @@ async fn next_head(
                 continue;
             }
         }
-        match sock::read_buf(&io.stream, &mut io.buf.borrow_mut()) {
+        // The buffer is taken only now that there is something to read.
+        let mut buf = io.buf.borrow_mut();
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        match sock::read_buf(&io.stream, &mut buf) {
             Ok(0) => return Next::Closed,
             // A head has the idle timeout to arrive whole, from its first byte: a client
             // trickling one byte at a time cannot hold the connection forever.
@@ -335,12 +388,25 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, Reject> {
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     // A switch needs the connection free of a body.
     let upgrade = body.is_none() && headers::wants_upgrade(version, fields);
-    let hop = headers::HopByHop::of(req.headers, upgrade);
+    let mut hop = headers::HopByHop::of(req.headers, upgrade)
+        .map_err(|why| reject(StatusCode::BAD_REQUEST, why))?;
+    // Absolute form (`GET http://a.example/x`): the target's authority is the request's
+    // host, whatever `Host` says (RFC 9112 §3.2.2); it becomes the `Host` sent on.
+    let absolute = !path.starts_with('/') && path != "*";
+    if absolute {
+        for (i, h) in req.headers.iter().enumerate() {
+            if h.name.eq_ignore_ascii_case("host") {
+                hop.skip(i);
+            }
+        }
+    }
     let mut store = headers::span_store();
     let spans = headers::spans(buf.as_ptr(), req.headers, &mut store);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path_span.0..path_span.0 + path_span.1))
-        .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid request target"))?;
+        .ok()
+        .filter(|uri| !absolute || uri.authority().is_some_and(|a| !a.host().is_empty()))
+        .ok_or_else(|| reject(StatusCode::BAD_REQUEST, "invalid request target"))?;
     Ok(Some(Head {
         req: ReqHead {
             method,
@@ -735,7 +801,7 @@ mod tests {
         headers::prepare_request(&mut req);
         let mut out = Vec::new();
         let client = headers::client_value("10.0.0.1".parse().unwrap());
-        headers::encode_request(&mut out, &req, &client, None, false);
+        headers::encode_request(&mut out, &req, &client, true, None, false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /a?b HTTP/1.1\r\nx-kept: 1\r\nhost: example.test:81\r\n\
@@ -851,6 +917,209 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(same.body, Some(BodyFraming::Length(3)));
+    }
+
+    /// A request as the tests see it after parsing: method, target, fields, body.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        method: String,
+        target: String,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+        body: Vec<u8>,
+    }
+
+    /// Parses `input` as a client's pipelined requests, arriving in the pieces that `cuts`
+    /// make, the way the connection does: heads by [`parse_request`] (and the chunked check
+    /// of what came with them), bodies by their framing.
+    fn decode_stream(input: &[u8], cuts: &[usize]) -> Result<Vec<Seen>, String> {
+        let mut pieces = Vec::new();
+        let mut from = 0;
+        for &cut in cuts {
+            pieces.push(&input[from..cut]);
+            from = cut;
+        }
+        pieces.push(&input[from..]);
+        let mut feed = pieces.into_iter();
+        let mut more = |buf: &mut BytesMut| match feed.next() {
+            Some(p) => {
+                buf.extend_from_slice(p);
+                true
+            }
+            None => false,
+        };
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        loop {
+            let head = loop {
+                if !buf.is_empty() {
+                    match parse_request(&mut buf) {
+                        Ok(Some(h)) => break h,
+                        Ok(None) if buf.len() >= MAX_HEAD => return Err("head too large".into()),
+                        Ok(None) => {}
+                        Err(Reject(_, why)) => return Err(why),
+                    }
+                }
+                if !more(&mut buf) {
+                    return if buf.is_empty() {
+                        Ok(out)
+                    } else {
+                        Err("incomplete head".into())
+                    };
+                }
+            };
+            let mut body = Vec::new();
+            match head.body {
+                None => {}
+                Some(BodyFraming::Length(n)) => {
+                    let mut left = n as usize;
+                    while left > 0 {
+                        if buf.is_empty() && !more(&mut buf) {
+                            return Err("incomplete body".into());
+                        }
+                        let k = left.min(buf.len());
+                        body.extend_from_slice(&buf.split_to(k));
+                        left -= k;
+                    }
+                }
+                Some(BodyFraming::Chunked) => {
+                    let mut decoder = ChunkDecoder::default();
+                    decoder.check(&buf)?;
+                    loop {
+                        match decoder.decode(&mut buf)? {
+                            Decoded::Data(b) => body.extend_from_slice(&b),
+                            Decoded::Done => break,
+                            Decoded::More if more(&mut buf) => {}
+                            Decoded::More => return Err("incomplete chunked body".into()),
+                        }
+                    }
+                }
+            }
+            let Fields::Raw(raw) = &head.req.fields else {
+                return Err("fields not raw".into());
+            };
+            out.push(Seen {
+                method: head.req.method.to_string(),
+                target: head.req.uri.to_string(),
+                fields: raw.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
+                body,
+            });
+        }
+    }
+
+    /// A random valid request and how it must parse.
+    fn random_request(rng: &mut rand::rngs::SmallRng, chunked_body: bool) -> (Vec<u8>, Seen) {
+        use crate::proxy::body::generated::{body, chunked, word};
+        use rand::Rng as _;
+        let method = ["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"][rng.random_range(0..6)];
+        let target = format!("/{}?{}={}", word(rng, 12), word(rng, 4), word(rng, 8));
+        let mut fields = vec![(b"Host".to_vec(), word(rng, 10).into_bytes())];
+        for _ in 0..rng.random_range(0..6) {
+            fields.push((
+                format!("X-{}", word(rng, 8)).into_bytes(),
+                word(rng, 20).into_bytes(),
+            ));
+        }
+        let mut raw = format!("{method} {target} HTTP/1.1\r\n").into_bytes();
+        let data = body(rng);
+        let framing = if chunked_body || (method != "GET" && rng.random_bool(0.5)) {
+            Some(true)
+        } else if method != "GET" {
+            Some(false)
+        } else {
+            None
+        };
+        if framing == Some(false) {
+            fields.push((
+                b"Content-Length".to_vec(),
+                data.len().to_string().into_bytes(),
+            ));
+        }
+        for (n, v) in &fields {
+            raw.extend_from_slice(n);
+            raw.extend_from_slice(b": ");
+            raw.extend_from_slice(v);
+            raw.extend_from_slice(b"\r\n");
+        }
+        if framing == Some(true) {
+            raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        match framing {
+            Some(true) => raw.extend_from_slice(&chunked(rng, &data)),
+            Some(false) => raw.extend_from_slice(&data),
+            None => {}
+        }
+        let seen = Seen {
+            method: method.into(),
+            target,
+            fields,
+            body: if framing.is_some() { data } else { Vec::new() },
+        };
+        (raw, seen)
+    }
+
+    #[test]
+    fn requests_parse_the_same_however_they_are_split() {
+        for case in 0..300 {
+            let mut rng = crate::proxy::body::generated::rng(case);
+            let mut input = Vec::new();
+            let mut expected = Vec::new();
+            for _ in 0..3 {
+                let (raw, seen) = random_request(&mut rng, false);
+                input.extend_from_slice(&raw);
+                expected.push(seen);
+            }
+            assert_eq!(decode_stream(&input, &[]), Ok(expected), "case {case}");
+            let whole = decode_stream(&input, &[]);
+            // Every single byte boundary, then random multi-way splits.
+            for cut in 0..=input.len() {
+                assert_eq!(
+                    decode_stream(&input, &[cut]),
+                    whole,
+                    "case {case}, cut {cut}"
+                );
+            }
+            for _ in 0..20 {
+                let cuts = crate::proxy::body::generated::splits(&mut rng, input.len());
+                assert_eq!(decode_stream(&input, &cuts), whole, "case {case}, {cuts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_requests_fail_cleanly_and_never_swallow_the_next_one() {
+        use crate::proxy::body::generated::{mutate, rng, splits};
+        let canary = b"GET /canary HTTP/1.1\r\nHost: c\r\n\r\n";
+        for case in 0..3000 {
+            let mut rng = rng(case);
+            let (raw, _) = random_request(&mut rng, true);
+            let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut input = raw.clone();
+            input.extend_from_slice(canary);
+            // Half the mutations anywhere in the first request, half in its chunked body.
+            let within = if case % 2 == 0 {
+                0..raw.len()
+            } else {
+                body_at..raw.len()
+            };
+            let (input, at) = mutate(&mut rng, &input, within);
+            let whole = decode_stream(&input, &[]);
+            let cuts = splits(&mut rng, input.len());
+            assert_eq!(decode_stream(&input, &cuts), whole, "case {case}: {cuts:?}");
+            if at >= body_at
+                && let Ok(seen) = &whole
+            {
+                // The framing decided where the body ends: the canary is still a request
+                // of its own, never trailer lines or body bytes.
+                assert_eq!(
+                    seen.len(),
+                    2,
+                    "case {case}: {:?}",
+                    String::from_utf8_lossy(&input)
+                );
+                assert_eq!(seen[1].target, "/canary", "case {case}");
+            }
+        }
     }
 
     #[test]

@@ -179,8 +179,11 @@ impl HopByHop {
     }
 
     /// Marks the hop-by-hop headers of `parsed`; with `keep_upgrade` (a protocol switch)
-    /// `Upgrade` is kept (`Connection` is not: the proxy sets its own).
-    pub(crate) fn of(parsed: &[httparse::Header<'_>], keep_upgrade: bool) -> Self {
+    /// `Upgrade` is kept (`Connection` is not: the proxy sets its own). Linear in the
+    /// head's size: the options `Connection` lists are collected once (at most
+    /// [`MAX_CONNECTION_OPTIONS`] that are not the usual ones; more are refused), then each
+    /// field is looked up among them.
+    pub(crate) fn of(parsed: &[httparse::Header<'_>], keep_upgrade: bool) -> Result<Self, String> {
         const FIXED: [&str; 5] = [
             "connection",
             "keep-alive",
@@ -188,21 +191,35 @@ impl HopByHop {
             "trailer",
             "transfer-encoding",
         ];
-        let listed = |name: &str| {
-            parsed
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-                .flat_map(|h| h.value.split(|&b| b == b','))
-                .map(<[u8]>::trim_ascii)
-                .any(|t| {
-                    t.eq_ignore_ascii_case(name.as_bytes()) && !t.eq_ignore_ascii_case(b"host")
-                })
-        };
+        let mut listed: [&[u8]; MAX_CONNECTION_OPTIONS] = [&[]; MAX_CONNECTION_OPTIONS];
+        let mut count = 0;
         let mut bits = 0u128;
-        let mut has_connection = false;
         for (i, h) in parsed.iter().enumerate().take(MAX_HEADERS) {
             let n = h.name;
-            has_connection |= n.eq_ignore_ascii_case("connection");
+            if n.eq_ignore_ascii_case("connection") {
+                for t in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    let usual = [
+                        &b""[..],
+                        b"keep-alive",
+                        b"close",
+                        b"upgrade",
+                        b"te",
+                        b"host",
+                    ]
+                    .iter()
+                    .any(|u| t.eq_ignore_ascii_case(u));
+                    if usual || listed[..count].iter().any(|l| l.eq_ignore_ascii_case(t)) {
+                        continue;
+                    }
+                    if count == MAX_CONNECTION_OPTIONS {
+                        return Err(format!(
+                            "more than {MAX_CONNECTION_OPTIONS} Connection options"
+                        ));
+                    }
+                    listed[count] = t;
+                    count += 1;
+                }
+            }
             let hop = FIXED.iter().any(|f| n.eq_ignore_ascii_case(f))
                 || (!keep_upgrade && n.eq_ignore_ascii_case("upgrade"))
                 || n.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("proxy-"));
@@ -210,19 +227,29 @@ impl HopByHop {
                 bits |= 1 << i;
             }
         }
-        if has_connection {
+        if count > 0 {
+            let listed = &listed[..count];
             for (i, h) in parsed.iter().enumerate().take(MAX_HEADERS) {
-                if bits & (1 << i) == 0
-                    && !(keep_upgrade && h.name.eq_ignore_ascii_case("upgrade"))
-                    && listed(h.name)
-                {
+                let name = h.name.as_bytes();
+                if bits & (1 << i) == 0 && listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
                     bits |= 1 << i;
                 }
             }
         }
-        HopByHop(bits)
+        Ok(HopByHop(bits))
+    }
+
+    /// Also leaves out the field at `index`.
+    pub(crate) fn skip(&mut self, index: usize) {
+        if index < MAX_HEADERS {
+            self.0 |= 1 << index;
+        }
     }
 }
+
+/// The most options a `Connection` field may list besides `close`, `keep-alive`,
+/// `upgrade` and `te`: real clients name one or two; a list of thousands only costs CPU.
+pub(crate) const MAX_CONNECTION_OPTIONS: usize = 16;
 
 /// The body length that `Content-Length` values declare (RFC 9112 §6.3): every item of
 /// every value digits only, and all the same (`3, 3` is 3). Requests and responses share it,
@@ -288,11 +315,18 @@ impl ReqHead {
 /// ([`encode_request`]).
 pub(crate) fn prepare_request(head: &mut ReqHead) {
     if head.uri.scheme().is_some() || head.uri.authority().is_some() {
-        if head.fields.get("host").is_none()
-            && let Some(auth) = head.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(auth.as_str())
+        // The target's authority is the host (RFC 9112 §3.2.2, RFC 9113 §8.3.1): a `Host`
+        // that says otherwise is replaced (an HTTP/1.1 parser has already left it out).
+        let host = head.uri.authority().map(|a| match a.port() {
+            // Never the userinfo of `http://user@host/`: Host is `uri-host [":" port]`.
+            Some(port) => format!("{}:{port}", a.host()),
+            None => a.host().to_string(),
+        });
+        if let Some(host) = host
+            && let Ok(v) = HeaderValue::from_str(&host)
+            && head.fields.get("host") != Some(v.as_bytes())
         {
-            // HTTP/2, or an absolute-form HTTP/1.0 request without one: rare enough for a map.
+            // HTTP/2, or an absolute-form request: rare enough for a map.
             // A raw field the map refuses keeps the fields raw, without the `Host`.
             let map = match &head.fields {
                 Fields::Raw(raw) => raw.to_map().ok(),
@@ -328,13 +362,16 @@ const REWRITTEN: [&[u8]; 6] = [
 ];
 
 /// Writes `head` as an HTTP/1.1 backend gets it: request line, the client's fields, then
-/// `X-Forwarded-For` (the client's list with `client` appended), `X-Forwarded-Proto` and
-/// `Via` (likewise extended), and the body's framing: `length`, the body's exact length (a
+/// `X-Forwarded-For` (the client's list with `client` appended), `X-Forwarded-Proto` and,
+/// with `via`, `Via` (likewise extended; off by default, as in NGINX, HAProxy and Envoy:
+/// NGINX backends with `gzip_proxied off` stop compressing for a request with `Via`), and
+/// the body's framing: `length`, the body's exact length (a
 /// `Content-Length` is written for it, replacing the client's), or `chunked`.
 pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     head: &ReqHead,
     client: &HeaderValue,
+    via: bool,
     length: Option<u64>,
     chunked: bool,
 ) {
@@ -367,12 +404,19 @@ pub(crate) fn encode_request(
     };
     extended(out, "x-forwarded-for", client.as_bytes());
     out.extend_from_slice(b"x-forwarded-proto: http\r\n");
-    let received: &[u8] = match head.version {
-        Version::HTTP_2 => b"2 lbwasm",
-        Version::HTTP_10 => b"1.0 lbwasm",
-        _ => b"1.1 lbwasm",
-    };
-    extended(out, "via", received);
+    if via {
+        let received: &[u8] = match head.version {
+            Version::HTTP_2 => b"2 lbwasm",
+            Version::HTTP_10 => b"1.0 lbwasm",
+            _ => b"1.1 lbwasm",
+        };
+        extended(out, "via", received);
+    } else {
+        // Not ours to add, but the client's own `Via` goes on as it came.
+        for v in head.fields.get_all("via") {
+            push_field(out, b"via", v);
+        }
+    }
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -441,6 +485,7 @@ mod tests {
             &mut out,
             head,
             &client_value(client.parse().unwrap()),
+            true,
             None,
             false,
         );
@@ -505,12 +550,53 @@ mod tests {
                 .map(|i| raw[i].0)
                 .collect()
         };
-        assert_eq!(kept(HopByHop::of(&parsed, false)), ["Host", "X-Kept"]);
         assert_eq!(
-            kept(HopByHop::of(&parsed, true)),
+            kept(HopByHop::of(&parsed, false).unwrap()),
+            ["Host", "X-Kept"]
+        );
+        assert_eq!(
+            kept(HopByHop::of(&parsed, true).unwrap()),
             ["Host", "Upgrade", "X-Kept"]
         );
-        assert_eq!(HopByHop::of(&parsed[3..4], false), HopByHop::default());
+        assert_eq!(
+            HopByHop::of(&parsed[3..4], false).unwrap(),
+            HopByHop::default()
+        );
+    }
+
+    #[test]
+    fn connection_options_are_bounded() {
+        let many: String = (0..=MAX_CONNECTION_OPTIONS)
+            .map(|i| format!("x-{i}, "))
+            .collect();
+        // Repeats and the usual options do not count against the bound.
+        let fine = "x-1, X-1, keep-alive, close, te, upgrade, x-1";
+        for (value, ok) in [(many.as_str(), false), (fine, true)] {
+            let parsed = [httparse::Header {
+                name: "Connection",
+                value: value.as_bytes(),
+            }];
+            assert_eq!(HopByHop::of(&parsed, false).is_ok(), ok, "{value}");
+        }
+    }
+
+    #[test]
+    fn via_is_added_only_when_asked() {
+        let h = head(
+            Request::get("/")
+                .header("host", "x")
+                .header("via", "1.0 edge")
+                .body(())
+                .unwrap(),
+        );
+        let client = client_value("10.0.0.1".parse().unwrap());
+        let mut out = Vec::new();
+        encode_request(&mut out, &h, &client, false, None, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 10.0.0.1\r\n\
+             x-forwarded-proto: http\r\nvia: 1.0 edge\r\n\r\n"
+        );
     }
 
     #[test]
@@ -548,19 +634,19 @@ mod tests {
         );
         let client = client_value("10.0.0.1".parse().unwrap());
         let mut out = Vec::new();
-        encode_request(&mut out, &h, &client, Some(3), false);
+        encode_request(&mut out, &h, &client, true, Some(3), false);
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "POST /a?b=1 HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 10.0.0.1\r\n\
              x-forwarded-proto: http\r\nvia: 1.1 lbwasm\r\ncontent-length: 3\r\n\r\n"
         );
-        encode_request(&mut out, &h, &client, None, true);
+        encode_request(&mut out, &h, &client, true, None, true);
         assert!(
             String::from_utf8(out.clone())
                 .unwrap()
                 .ends_with("transfer-encoding: chunked\r\n\r\n")
         );
-        encode_request(&mut out, &h, &client, None, false);
+        encode_request(&mut out, &h, &client, true, None, false);
         assert!(
             String::from_utf8(out)
                 .unwrap()
@@ -582,6 +668,21 @@ mod tests {
         assert!(text.starts_with("GET /a?b=1 HTTP/1.1\r\n"), "{text}");
         assert_eq!(lines[0], "host: example.test:8080");
         assert_eq!(lines[3], "via: 2 lbwasm");
+    }
+
+    #[test]
+    fn the_authority_wins_over_a_host_field() {
+        let mut h = head(
+            Request::get("http://good.example/a")
+                .version(Version::HTTP_2)
+                .header("host", "evil.example")
+                .body(())
+                .unwrap(),
+        );
+        prepare_request(&mut h);
+        let (_, lines) = encoded(&h, "::1");
+        assert_eq!(lines[0], "host: good.example");
+        assert!(!lines.iter().any(|l| l.contains("evil")), "{lines:?}");
     }
 
     #[test]

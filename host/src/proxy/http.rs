@@ -25,9 +25,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use super::Settings;
 use super::access_log::Pending;
-use super::body::{BackendBody, Framing, ReqBody, ResBody};
-use super::client::{BackendConn, BackendHead, ConnectError, SendError};
+use super::body::{BackendBody, Blame, Framing, ReqBody, ResBody};
+use super::client::{BackendConn, BackendHead, ConnectError, SendError, SendErrorKind};
 use super::h1;
 use super::headers::{self, ReqHead};
 use super::worker::{Drain, LocalListener, NoBackend, Tried};
@@ -47,12 +48,16 @@ pub(super) async fn serve(
     drain: Rc<Drain>,
 ) {
     let idle = local.state().1.timeouts.idle;
-    let h2 = tokio::select! {
-        detected = tokio::time::timeout(idle, speaks_h2(&stream)) => match detected {
-            Ok(Some(h2)) => h2,
-            _ => return, // closed, or silent for the idle timeout
-        },
-        () = drain.started() => return,
+    // Boxed, as both protocols' states below: the task's own future stays a few words.
+    let detect = async {
+        tokio::select! {
+            // None: closed first, or silent for the idle timeout.
+            detected = tokio::time::timeout(idle, speaks_h2(&stream)) => detected.ok().flatten(),
+            () = drain.started() => None,
+        }
+    };
+    let Some(h2) = Box::pin(detect).await else {
+        return; // closed, silent, or the worker drains
     };
     let client = headers::client_value(peer.ip());
     let ctx = Rc::new(ConnCtx {
@@ -60,9 +65,24 @@ pub(super) async fn serve(
         peer,
         client,
     });
-    if !h2 {
-        return h1::serve(ctx, stream, drain, idle).await;
+    // Each protocol's state in its own allocation, sized for that protocol: an idle
+    // HTTP/1.1 connection carries no room for an HTTP/2 one.
+    if h2 {
+        Box::pin(serve_h2(local, ctx, stream, peer, drain, idle)).await;
+    } else {
+        Box::pin(h1::serve(ctx, stream, drain, idle)).await;
     }
+}
+
+/// Serves HTTP/2 (prior knowledge) on `stream` with hyper.
+async fn serve_h2(
+    local: Rc<LocalListener>,
+    ctx: Rc<ConnCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: Rc<Drain>,
+    idle: Duration,
+) {
     let activity = Rc::new(Activity::new());
     let svc = {
         let activity = activity.clone();
@@ -183,12 +203,19 @@ enum Failure {
     Connect(SocketAddr, ConnectError),
     Exchange(SocketAddr, SendError),
     Timeout(SocketAddr, Duration),
+    /// The client's request body failed (bad framing found mid-body, the client went
+    /// away): the client's fault, never the backend's.
+    ClientBody(String),
+    /// The request timed out while the proxy was waiting for the client's body.
+    ClientStall(Duration),
 }
 
 impl Failure {
-    fn backend(&self) -> SocketAddr {
+    /// The backend at fault; none when the client is.
+    fn backend(&self) -> Option<SocketAddr> {
         match self {
-            Failure::Connect(a, _) | Failure::Exchange(a, _) | Failure::Timeout(a, _) => *a,
+            Failure::Connect(a, _) | Failure::Exchange(a, _) | Failure::Timeout(a, _) => Some(*a),
+            Failure::ClientBody(_) | Failure::ClientStall(_) => None,
         }
     }
 
@@ -198,6 +225,8 @@ impl Failure {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Failure::Connect(..) | Failure::Exchange(..) => StatusCode::BAD_GATEWAY,
+            Failure::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Failure::ClientStall(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -215,6 +244,10 @@ impl std::fmt::Display for Failure {
             Failure::Connect(a, e) => write!(f, "cannot connect to backend {a}: {e}"),
             Failure::Exchange(a, e) => write!(f, "backend {a} failed before answering: {e}"),
             Failure::Timeout(a, d) => write!(f, "backend {a} did not answer within {d:?}"),
+            Failure::ClientBody(why) => write!(f, "request body: {why}"),
+            Failure::ClientStall(d) => {
+                write!(f, "request body not received within {d:?}")
+            }
         }
     }
 }
@@ -278,7 +311,14 @@ impl ConnCtx {
     /// access-logged like any other.
     pub(super) fn refusal(&self, status: StatusCode, cause: String) -> Reply {
         let mut res = ConnCtx::text(status, cause);
-        let log = &self.local.log;
+        let local = &self.local;
+        local
+            .metrics
+            .record(local.shared.index, None, status.as_u16(), Duration::ZERO);
+        local
+            .metrics
+            .refused(local.shared.index, refusal_reason(status));
+        let log = &local.log;
         if log.enabled() {
             let mut line = Pending::without_request(log, self.peer.ip(), Instant::now());
             line.answered(status.as_u16(), None, 0);
@@ -333,8 +373,10 @@ impl ConnCtx {
         let local = &self.local;
         let shared = &local.shared;
         let (view, settings) = local.state();
-        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &head, self.peer.ip());
+        // First: the key and the plugin see the request as the backend will (an
+        // absolute-form target's authority as its Host).
         headers::prepare_request(&mut head);
+        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &head, self.peer.ip());
         let upgrade = head.upgrade;
         let head_only = head.method == Method::HEAD;
         // `body` is taken by the first exchange that sends it. Sent and failed, the request
@@ -411,13 +453,20 @@ impl ConnCtx {
                         .connect(backend.addr, settings.timeouts.connect)
                         .await
                 } else {
+                    let unsolicited = |bytes| {
+                        tracing::warn!(listener = %shared.name, backend = %backend.addr, bytes,
+                            "backend sent bytes nobody asked for on an idle connection; closed it");
+                        if backend.failed_unasked(passive) {
+                            shared.eject(backend.clone());
+                        }
+                    };
                     local
                         .conns
                         .get(
                             backend.id,
                             backend.addr,
                             settings.timeouts.connect,
-                            !replayable,
+                            unsolicited,
                         )
                         .await
                 };
@@ -427,7 +476,8 @@ impl ConnCtx {
                 };
                 let sent = within(
                     settings.timeouts.request,
-                    conn.conn.send(&head, &self.client, &mut body, head_only),
+                    conn.conn
+                        .send(&head, &self.client, &mut body, head_only, settings.via),
                     timer.as_mut().map(|t| t.as_mut()),
                 )
                 .await;
@@ -435,18 +485,23 @@ impl ConnCtx {
                     Some(Ok((head, framing))) => {
                         let at = Instant::now();
                         let ok = !head.status.is_server_error();
-                        if guard.answered(ok, at, passive) {
+                        let body_follows = ok
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS
+                            && !matches!(framing, Framing::Length(0, _));
+                        if body_follows {
+                            guard.answered_head(at);
+                        } else if guard.answered(ok, at, passive) {
                             shared.eject(backend.clone());
                         }
-                        let res = self.respond(
-                            head,
-                            framing,
-                            conn.conn,
-                            guard,
-                            upgrade,
-                            settings.timeouts.idle,
-                        );
+                        let res = self.respond(head, framing, conn.conn, guard, &settings);
                         return (res, Some(backend.addr), Some(at));
+                    }
+                    Some(Err(SendError {
+                        kind: SendErrorKind::ClientBody(why),
+                        ..
+                    })) => break Failure::ClientBody(why.to_string()),
+                    None if conn.conn.waiting_on_client() => {
+                        break Failure::ClientStall(settings.timeouts.request);
                     }
                     Some(Err(e)) => {
                         can_retry &= replayable || !e.sent;
@@ -467,6 +522,15 @@ impl ConnCtx {
                     }
                 }
             };
+            if failure.backend().is_none() {
+                // The client's doing: no retry, and nothing against the backend (the guard
+                // goes without an outcome), its health, the budget or its latency.
+                tracing::debug!(listener = %shared.name, peer = %self.peer, error = %failure, "client error");
+                local
+                    .metrics
+                    .refused(shared.index, refusal_reason(failure.status()));
+                return (failure.response(), None, None);
+            }
             if guard.finish(false, None, passive) {
                 shared.eject(backend.clone());
             }
@@ -474,7 +538,7 @@ impl ConnCtx {
             last = Some(failure);
         }
         match last {
-            Some(f) => (f.response(), Some(f.backend()), None),
+            Some(f) => (f.response(), f.backend(), None),
             None => (
                 ConnCtx::text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -487,45 +551,48 @@ impl ConnCtx {
     }
 
     /// The backend's response, fit for the client; a protocol switch the client asked for
-    /// hands the backend connection over in the body.
+    /// (an unasked one never gets here) hands the backend connection over in the body.
     fn respond(
         &self,
         head: BackendHead,
         framing: Framing,
         conn: BackendConn,
         guard: InFlight,
-        upgrade: bool,
-        idle: Duration,
+        settings: &Settings,
     ) -> Reply {
-        let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
-        if switching && !upgrade {
-            // A switch nobody asked for: the connection now speaks something else.
-            drop(conn);
-            return ConnCtx::text(
-                StatusCode::BAD_GATEWAY,
-                "backend switched protocols unasked".into(),
-            );
-        }
         // Hop-by-hop headers were left out as the head was parsed (Upgrade kept for a
         // switch, whose `Connection: upgrade` the HTTP/1.1 server writes).
-        let body = if switching {
+        let body = if head.status == StatusCode::SWITCHING_PROTOCOLS {
             ResBody::switch(conn, guard)
         } else {
-            ResBody::backend(
-                BackendBody::new(
-                    conn,
-                    framing,
-                    self.local.conns.checkin(guard.backend().id),
-                    idle,
-                ),
-                guard,
-            )
+            let checkin = self.local.conns.checkin(guard.backend().id);
+            let body = BackendBody::new(conn, framing, checkin, settings.timeouts.idle);
+            // A body the backend cuts or stalls counts against it, as a failed head would.
+            let blame = Blame {
+                local: self.local.clone(),
+                passive: settings.passive.consecutive_failures,
+            };
+            ResBody::backend(body, guard, blame)
         };
         Reply {
             status: head.status,
             fields: Fields::Raw(head.fields),
             body,
         }
+    }
+}
+
+/// The `reason` label of a request the proxy refused itself, by the status it answered.
+pub(super) fn refusal_reason(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        405 => "method_not_allowed",
+        408 => "timeout",
+        413 => "too_large",
+        431 => "head_too_large",
+        501 => "not_implemented",
+        505 => "version_not_supported",
+        _ => "other",
     }
 }
 

@@ -132,6 +132,8 @@ pub struct Settings {
     pub load_report: Option<LoadReport>,
     /// TCP: the PROXY protocol header sent to backends.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// HTTP: add `Via` to requests.
+    pub via: bool,
 }
 
 impl Settings {
@@ -145,6 +147,7 @@ impl Settings {
             health: l.health.clone(),
             load_report: l.load_report.clone(),
             proxy_protocol: l.proxy_protocol,
+            via: l.via,
         }
     }
 }

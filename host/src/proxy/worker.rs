@@ -163,6 +163,7 @@ async fn main(
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 conns.sweep();
+                release_freed_pages();
             }
         })
     };
@@ -203,6 +204,15 @@ async fn main(
         );
     }
     tracing::debug!(worker = index, drained = live, "worker stopped");
+}
+
+/// Returns to the system the pages this worker's requests freed and mimalloc still holds
+/// (it purges them only from within allocator calls, which an idle worker does not
+/// make): 4,000 idle connections held 1.2 KiB more each without it. A no-op where
+/// mimalloc is not the allocator (the library in tests).
+fn release_freed_pages() {
+    // SAFETY: `mi_collect` takes no pointer and only touches the calling thread's heap.
+    unsafe { libmimalloc_sys::mi_collect(false) };
 }
 
 async fn accept_loop(local: Rc<LocalListener>, listener: TcpListener, drain: Rc<Drain>) {
@@ -395,7 +405,6 @@ pub(super) struct LocalListener {
     view: RefCell<Rc<LocalView>>,
     plugins: RefCell<CacheOf<Plugin>>,
     selector: RefCell<Option<Selector>>,
-    failed_plugin: Cell<usize>,
     settings_cache: RefCell<CacheOf<Settings>>,
     settings: RefCell<(Arc<Settings>, Rc<Settings>)>,
 }
@@ -415,7 +424,6 @@ impl LocalListener {
             view: RefCell::new(Rc::new(LocalView::new(snapshot))),
             plugins: RefCell::new(Cache::new(shared.plugin.clone())),
             selector: RefCell::new(None),
-            failed_plugin: Cell::new(0),
             settings_cache: RefCell::new(Cache::new(shared.settings.clone())),
             settings: RefCell::new((settings.clone(), Rc::new((*settings).clone()))),
             shared,
@@ -463,20 +471,17 @@ impl LocalListener {
             let current = selector
                 .as_ref()
                 .is_some_and(|s| Arc::ptr_eq(s.plugin(), plugin));
-            let key = Arc::as_ptr(plugin) as usize;
-            if !current && self.failed_plugin.get() != key {
-                match plugin.selector() {
-                    Ok(s) => *selector = Some(s),
-                    Err(error) => {
-                        tracing::error!(listener = %self.shared.name, plugin = %plugin.name(), error = %format!("{error:#}"), "cannot instantiate the plugin on this worker; keeping the previous one");
-                        self.failed_plugin.set(key);
-                    }
-                }
+            if !current {
+                // Never fails: without an instance the selector picks natively and retries
+                // after a cool-down (logged, and counted on /metrics).
+                *selector = Some(plugin.worker_selector());
             }
         }
         let Some(sel) = selector.as_mut() else {
             return Err(NoBackend::Unavailable);
         };
+        let t = self.settings.borrow().1.timeouts;
+        sel.set_limits(t.plugin, t.plugin_budget);
         let pick = sel.choose(&view.dyn_view, info, tried);
         match (pick.index, pick.source) {
             (Some(i), _) => Ok(i),

@@ -454,15 +454,16 @@ impl Control {
             .collect::<Result<_, _>>()?;
         let source = PluginSource::parse(&req.plugin);
         let runtime = self.runtime.clone();
-        let plugin = tokio::task::spawn_blocking(move || runtime.load(&source, &options))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("plugin load task failed: {e}"),
-                )
-            })?
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+        let plugin =
+            tokio::task::spawn_blocking(move || super::load_plugin(&runtime, &source, &options))
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("plugin load task failed: {e}"),
+                    )
+                })?
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
         let old = l.plugin.swap(plugin.clone());
         tracing::info!(listener = %l.name, from = %old.name(), to = %plugin.name(), "plugin swapped");
         Ok(
@@ -636,15 +637,17 @@ impl Control {
                 let options = nl.plugin_options.clone();
                 let runtime = self.runtime.clone();
                 let name = nl.name.clone();
-                let loaded = tokio::task::spawn_blocking(move || runtime.load(&source, &options))
-                    .await
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                    .map_err(|e| {
-                        ApiError::new(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            format!("listener {name:?}: {e:#}"),
-                        )
-                    })?;
+                let loaded = tokio::task::spawn_blocking(move || {
+                    super::load_plugin(&runtime, &source, &options)
+                })
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("listener {name:?}: {e:#}"),
+                    )
+                })?;
                 Some(loaded)
             } else {
                 None

@@ -50,6 +50,49 @@ pub(crate) fn plugin_source(p: &PluginRef) -> PluginSource {
     }
 }
 
+/// [`Runtime::load`], except that a plugin file that does not exist but is named like a
+/// built-in (`least_loaded.wasm`, as a new user types it from the usage line) gets an error
+/// saying how to get it, rather than "No such file or directory".
+pub(crate) fn load_plugin(
+    runtime: &Runtime,
+    source: &PluginSource,
+    options: &[(String, String)],
+) -> Result<Arc<crate::plugin::Plugin>> {
+    if let Some(path) = source.path()
+        && let Some(hint) = missing_builtin_hint(path)
+    {
+        anyhow::bail!(hint);
+    }
+    runtime.load(source, options)
+}
+
+/// For a missing `path` whose stem names a built-in plugin: what to do instead.
+pub fn missing_builtin_hint(path: &std::path::Path) -> Option<String> {
+    if path.exists() {
+        return None;
+    }
+    let name = path.file_stem()?.to_str()?;
+    crate::plugin::builtin::get(name)?;
+    Some(format!(
+        "no plugin file {file}; `{name}` is a built-in plugin: name it without .wasm \
+         (`--plugin {name}`, `plugin = \"{name}\"`), or write it to a file with \
+         `lbwasm plugins export {name}`, or build it from source with \
+         `cargo build --release --target wasm32-wasip2 -p {name}` (it is then \
+         target/wasm32-wasip2/release/{name}.wasm)",
+        file = path.display()
+    ))
+}
+
+/// Removes the admin API's upload folder when dropped: at the end of [`run`], however it
+/// ends (SIGTERM, Ctrl-C, an error).
+struct RemoveUploadsAtExit;
+
+impl Drop for RemoveUploadsAtExit {
+    fn drop(&mut self) {
+        crate::admin::remove_uploads();
+    }
+}
+
 /// A running proxy: workers, control plane, admin endpoint.
 pub struct Server {
     listen_addrs: Vec<SocketAddr>,
@@ -74,8 +117,7 @@ impl Server {
         // Plugins first: a bad plugin or option fails before any socket is bound.
         let mut plugins = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            let plugin = runtime
-                .load(&plugin_source(&l.plugin), &l.plugin_options)
+            let plugin = load_plugin(&runtime, &plugin_source(&l.plugin), &l.plugin_options)
                 .with_context(|| format!("listener {:?}", l.name))?;
             plugins.push(plugin);
         }
@@ -133,7 +175,7 @@ impl Server {
             .enable_all()
             .build()
             .context("starting the control-plane runtime")?;
-        let token = config.admin.as_ref().and_then(|a| a.token.clone());
+        let admin_config = config.admin.clone();
         let control = Arc::new(Control::new(
             runtime,
             control_rt.handle().clone(),
@@ -144,8 +186,8 @@ impl Server {
             reloader,
         ));
         control.start_background(events_rx);
-        if let Some(socket) = admin_socket {
-            control_rt.spawn(crate::admin::serve(socket, control.clone(), token));
+        if let (Some(socket), Some(admin)) = (admin_socket, admin_config) {
+            control_rt.spawn(crate::admin::serve(socket, control.clone(), admin));
         }
         for (l, addr) in listeners.iter().zip(&listen_addrs) {
             tracing::info!(listener = %l.name, %addr, protocol = %l.protocol, plugin = %l.plugin.load().name(), backends = l.pool.members().len(), workers = workers.len(), "listening");
@@ -268,6 +310,8 @@ pub fn raise_fd_limit() -> u64 {
 /// flag), starts a [`Server`], then serves until SIGTERM or Ctrl-C (drain, exit 0);
 /// SIGHUP reloads the configuration.
 pub async fn run(args: ServeArgs) -> Result<()> {
+    // Declared first, dropped last: after the server has stopped.
+    let _uploads = RemoveUploadsAtExit;
     let config = args.load()?;
     let reload_args = args.clone();
     let reloader: Reloader = Box::new(move || reload_args.load().map_err(anyhow::Error::from));

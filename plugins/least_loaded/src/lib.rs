@@ -196,8 +196,8 @@ impl LeastLoaded {
 }
 
 impl Plugin for LeastLoaded {
-    const DESCRIPTION: &'static str =
-        "least loaded by forecast CPU, memory and in-flight per unit of weight (Holt smoothing)";
+    // `[reads-load]` asks the host to poll the backends' load endpoint for this plugin.
+    const DESCRIPTION: &'static str = "least loaded by forecast CPU, memory and in-flight per unit of weight (Holt smoothing) [reads-load]";
 
     fn configure(o: &mut Options) -> Result<Self, String> {
         let cpu_weight = real(o, "cpu_weight", 0.5, 0.0, 10.0)?;

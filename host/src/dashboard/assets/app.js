@@ -14,6 +14,7 @@ const $ = (sel) => document.querySelector(sel);
 const state = {
   snapshot: null,
   history: {}, // listener name -> [{t, rps, p50, p99, share: [[id, share], ...]}]
+  facts: { builtins: [], listeners: [] }, // sent once and on change: built-ins, descriptions
   listener: decodeURIComponent(location.hash.slice(1)) || null,
   rows: new Map(), // backend id -> row (keyed DOM: rows are updated, never rebuilt)
   listenerNames: '',
@@ -70,6 +71,10 @@ function connect() {
   state.lastMessage = Date.now();
   es.addEventListener('history', (e) => {
     state.history = JSON.parse(e.data);
+  });
+  es.addEventListener('facts', (e) => {
+    state.facts = JSON.parse(e.data);
+    render();
   });
   es.onmessage = (e) => {
     state.lastMessage = Date.now();
@@ -216,7 +221,7 @@ function render() {
   put($('#totals'), `${fmtRate(l.rps)} req/s · p50 ${fmtUs(l.p50_us)} · p99 ${fmtUs(l.p99_us)}`);
   put($('#healthy'), `${l.healthy}/${l.backends.length} healthy`);
   put($('#updated'), new Date(s.t_ms).toLocaleTimeString());
-  renderPlugin(l.plugin, s.builtins);
+  renderPlugin(l.name, l.plugin, state.facts.builtins);
   renderTable(l.backends);
   drawCharts(l, s.t_ms);
 }
@@ -232,9 +237,10 @@ function renderListeners(listeners) {
   if (select.value !== state.listener) select.value = state.listener;
 }
 
-function renderPlugin(p, builtins) {
+function renderPlugin(listener, p, builtins) {
   put($('#plugin-name'), p.name);
-  put($('#plugin-desc'), p.description);
+  const facts = state.facts.listeners.find((f) => f.name === listener);
+  put($('#plugin-desc'), facts && facts.plugin === p.name ? facts.description : '');
   for (const dd of document.querySelectorAll('#plugin-stats dd')) {
     const key = dd.dataset.stat;
     const v = p[key];

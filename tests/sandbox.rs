@@ -1,0 +1,612 @@
+//! The sandbox's answers to plugins that fail in ways a call's result does not show: a
+//! worker that cannot make an instance, `none` while backends are healthy, a slow `choose`,
+//! a description in megabytes, and the compiled-plugin cache as an attack surface. Through
+//! the real runtime and the hostile fixture, and through the `lbwasm` binary over sockets on
+//! 127.0.0.1 (its `/metrics` and its log).
+
+use std::future::Future;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use lbwasm::backend::{self, BackendConfig, BackendHandle};
+use lbwasm::plugin::{
+    Fault, PickSource, PluginSource, RequestInfo, Runtime, RuntimeConfig, ServerInfo, StaticPool,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Only there to turn a hang into a failure.
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn bounded<F: Future<Output = ()>>(test: F) {
+    tokio::time::timeout(LIMIT, test)
+        .await
+        .expect("test timed out");
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("LBWASM_WASM_DIR")).join(format!("{name}.wasm"))
+}
+
+fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A deadline generous enough that a thread descheduled on a loaded 2-core machine is not
+/// taken for a slow plugin: these tests are about answers, not about the deadline.
+const DEADLINE: Duration = Duration::from_millis(100);
+
+/// A runtime without a disk cache (the cache tests make their own).
+fn runtime() -> Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        Runtime::new(RuntimeConfig {
+            cache_dir: None,
+            max_instances: 32,
+            call_timeout: DEADLINE,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime")
+    })
+    .clone()
+}
+
+fn hostile(rt: &Runtime, options: &[(&str, &str)]) -> Arc<lbwasm::plugin::Plugin> {
+    rt.load(&PluginSource::File(fixture("hostile")), &opts(options))
+        .expect("load hostile")
+}
+
+// ---- a worker without an instance ------------------------------------------------------
+
+#[test]
+fn a_worker_that_cannot_instantiate_falls_back_and_retries_after_a_cool_down() {
+    for mode in ["fail_configure", "slow_configure"] {
+        let plugin = hostile(&runtime(), &[("mode", mode), ("instances_ok", "1")]);
+        let pool = StaticPool::with_servers(3);
+        let view = pool.view();
+        let mut req = RequestInfo::default();
+        // The first worker's instance configures; every later one fails (or loops).
+        let mut first = plugin.worker_selector();
+        assert_eq!(
+            first.choose(&view, &mut req, &[]).source,
+            PickSource::Plugin,
+            "{mode}"
+        );
+        let mut second = plugin.worker_selector();
+        assert_eq!(plugin.stats().instantiation_failures, 1, "{mode}");
+        for _ in 0..5 {
+            let p = second.choose(&view, &mut req, &[]);
+            assert!(p.index.is_some(), "{mode}: the fallback serves: {p:?}");
+            assert_eq!(p.source, PickSource::Fallback(Fault::Suspended), "{mode}");
+        }
+        // No attempt per request: one per cool-down (the first is 0.5 s).
+        assert_eq!(plugin.stats().instantiation_failures, 1, "{mode}");
+        std::thread::sleep(Duration::from_millis(700));
+        let p = second.choose(&view, &mut req, &[]);
+        assert!(
+            matches!(&p.source, PickSource::Fallback(Fault::Unavailable(m)) if configure_failed(m)),
+            "{mode}: {p:?}"
+        );
+        assert!(p.index.is_some());
+        let stats = plugin.stats();
+        assert_eq!(
+            stats.instantiation_failures, 2,
+            "{mode}: retried: {stats:?}"
+        );
+        assert_eq!(stats.fallbacks, 6, "{mode}: {stats:?}");
+        // The strict constructor still says why.
+        let err = plugin.selector().err().expect("no instance");
+        assert!(configure_failed(&format!("{err:#}")), "{err:#}");
+    }
+}
+
+/// The message of a `configure` that refused or timed out.
+fn configure_failed(m: &str) -> bool {
+    m.contains("hostile: refused by request") || m.contains("configure: timed out")
+}
+
+// ---- none while backends are eligible --------------------------------------------------
+
+#[test]
+fn none_with_an_eligible_backend_is_a_bad_answer_and_suspends() {
+    let plugin = hostile(&runtime(), &[("mode", "none")]);
+    let mut sel = plugin.worker_selector();
+    let pool = StaticPool::with_servers(3);
+    let view = pool.view();
+    let mut req = RequestInfo::default();
+    for _ in 0..3 {
+        let p = sel.choose(&view, &mut req, &[]);
+        assert_eq!(p.source, PickSource::Fallback(Fault::NoneWhileEligible));
+        assert!(p.index.is_some(), "{p:?}");
+    }
+    // Three in a row: suspended, the plugin is not called.
+    let p = sel.choose(&view, &mut req, &[]);
+    assert_eq!(p.source, PickSource::Fallback(Fault::Suspended));
+    let s = plugin.stats();
+    assert_eq!(
+        (s.calls, s.bad_answers, s.fallbacks, s.refusals),
+        (3, 3, 4, 0),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn none_is_honoured_when_no_backend_is_eligible() {
+    let plugin = hostile(&runtime(), &[("mode", "none")]);
+    let mut sel = plugin.worker_selector();
+    let mut servers: Vec<ServerInfo> = (0..2)
+        .map(|i| ServerInfo::new(i, format!("127.0.0.1:{}", 9101 + i)))
+        .collect();
+    servers[0].healthy = false;
+    let pool = StaticPool::new(servers);
+    let view = pool.view();
+    let mut req = RequestInfo::default();
+    // Server 1 already failed this request, server 0 is down: none is the right answer.
+    for _ in 0..5 {
+        let p = sel.choose(&view, &mut req, &[1]);
+        assert_eq!((p.index, p.source), (None, PickSource::Plugin));
+    }
+    let s = plugin.stats();
+    assert_eq!((s.refusals, s.bad_answers, s.fallbacks), (5, 0, 0), "{s:?}");
+}
+
+// ---- descriptions ----------------------------------------------------------------------
+
+#[test]
+fn a_description_over_the_limit_is_refused_at_load() {
+    let err = runtime()
+        .load(
+            &PluginSource::File(fixture("hostile")),
+            &opts(&[("mode", "ok"), ("describe_bytes", "16777216")]),
+        )
+        .err()
+        .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("16777216 bytes") && msg.contains("at most 1024 bytes"),
+        "{msg}"
+    );
+    let p = hostile(&runtime(), &[("mode", "ok"), ("describe_bytes", "1024")]);
+    assert_eq!(p.description().len(), 1024);
+}
+
+// ---- the compiled-plugin cache ---------------------------------------------------------
+
+fn cached_runtime(dir: &Path) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        cache_dir: Some(dir.to_path_buf()),
+        max_instances: 8,
+        call_timeout: DEADLINE,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime")
+}
+
+fn artifacts(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Loads hostile (mode ok) and checks that it is hostile that runs, not what was planted.
+fn load_hostile_from(rt: &Runtime) {
+    let p = hostile(rt, &[("mode", "ok")]);
+    assert!(
+        p.description().starts_with("test fixture: misbehaves"),
+        "another plugin's code was loaded: {:?}",
+        p.description()
+    );
+    let pool = StaticPool::with_servers(2);
+    let pick =
+        p.selector()
+            .expect("instance")
+            .choose(&pool.view(), &mut RequestInfo::default(), &[]);
+    assert_eq!(pick.source, PickSource::Plugin);
+}
+
+#[test]
+fn the_cache_directory_is_created_private_and_checked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("cache").join("lbwasm");
+    let rt = cached_runtime(&dir);
+    load_hostile_from(&rt);
+    assert_eq!(mode_of(&dir), 0o700, "created 0700");
+    let files = artifacts(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        mode_of(&files[0]) & 0o022,
+        0,
+        "artifact not writable by others"
+    );
+
+    // A directory others may write to is not used at all: a planted artifact (here another
+    // plugin's valid one, under hostile's name) is never loaded, and nothing is written.
+    let donor = tmp.path().join("donor");
+    hostile_and_round_robin_artifacts(&donor, &files[0]);
+    chmod(&dir, 0o777);
+    load_hostile_from(&cached_runtime(&dir));
+    assert_eq!(artifacts(&dir).len(), 1);
+    chmod(&dir, 0o700);
+}
+
+/// Fills `donor` with round robin's compiled artifact and copies it over `target`.
+fn hostile_and_round_robin_artifacts(donor: &Path, target: &Path) {
+    let rt = cached_runtime(donor);
+    rt.load(&PluginSource::Builtin("round_robin".into()), &[])
+        .expect("round robin");
+    let files = artifacts(donor);
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::copy(&files[0], target).expect("plant");
+}
+
+#[test]
+fn planted_or_corrupted_artifacts_are_cache_misses() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lbwasm");
+    load_hostile_from(&cached_runtime(&dir));
+    let file = artifacts(&dir).pop().expect("artifact");
+    let good = std::fs::read(&file).expect("read");
+
+    // Another plugin's valid artifact under hostile's name: a miss, then rewritten.
+    hostile_and_round_robin_artifacts(&tmp.path().join("donor"), &file);
+    load_hostile_from(&cached_runtime(&dir));
+    assert_eq!(std::fs::read(&file).expect("read"), good, "entry rewritten");
+
+    // Truncated, or a byte flipped in the middle (native code): a miss.
+    std::fs::write(&file, &good[..good.len() / 2]).expect("truncate");
+    load_hostile_from(&cached_runtime(&dir));
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    std::fs::write(&file, &flipped).expect("flip");
+    load_hostile_from(&cached_runtime(&dir));
+    assert_eq!(std::fs::read(&file).expect("read"), good);
+
+    // Writable by others, or a symbolic link: not trusted.
+    chmod(&file, 0o666);
+    hostile_and_round_robin_artifacts(&tmp.path().join("donor2"), &file);
+    chmod(&file, 0o666);
+    load_hostile_from(&cached_runtime(&dir));
+    let elsewhere = tmp.path().join("elsewhere.cwasm");
+    hostile_and_round_robin_artifacts(&tmp.path().join("donor3"), &elsewhere);
+    std::fs::remove_file(&file).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, &file).expect("symlink");
+    load_hostile_from(&cached_runtime(&dir));
+}
+
+// ---- through the binary ----------------------------------------------------------------
+
+/// A child process killed (by PID) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `lbwasm serve --config`, its log going to a file.
+struct Proxy {
+    _child: Reaped,
+    listeners: Vec<SocketAddr>,
+    admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    async fn start(config: &str, listeners: usize) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("lbwasm.toml");
+        std::fs::write(&file, config).expect("config");
+        let log = dir.path().join("stderr.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lbwasm"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&file)
+            .env("LBWASM_CACHE_DIR", dir.path().join("cache"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start lbwasm");
+        let stdout = child.stdout.take().expect("stdout");
+        let child = Reaped(child);
+        let lines: Vec<String> = tokio::task::spawn_blocking(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| {
+                    l.starts_with("lbwasm listening on ") || l.starts_with("lbwasm admin on ")
+                })
+                .take(listeners + 1)
+                .collect()
+        })
+        .await
+        .expect("join");
+        let addr = |prefix: &str| -> Vec<SocketAddr> {
+            lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(prefix)?.parse().ok())
+                .collect()
+        };
+        let admin = addr("lbwasm admin on ");
+        let listening = addr("lbwasm listening on ");
+        assert!(
+            admin.len() == 1 && listening.len() == listeners,
+            "lbwasm did not start: {lines:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Proxy {
+            _child: child,
+            listeners: listening,
+            admin: admin[0],
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn metrics(&self) -> String {
+        let (status, body) = exchange(self.admin, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+/// One GET on a fresh connection (so the kernel spreads them over the workers): status, body.
+async fn exchange(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    (status, text)
+}
+
+/// The value of `name{...listener="L"...}` (first match), 0 when absent.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn spawn_backends(n: usize) -> Vec<BackendHandle> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(
+            backend::spawn(BackendConfig::new(0))
+                .await
+                .expect("backend"),
+        );
+    }
+    v
+}
+
+fn listener(name: &str, bs: &[BackendHandle], extra: &str) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nplugin = \"{}\"\n{extra}\n",
+        fixture("hostile").display()
+    );
+    for b in bs {
+        s.push_str(&format!(
+            "[[listener.backend]]\naddress = \"{}\"\n",
+            b.addr()
+        ));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_an_instance_serves_with_the_fallback() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let config = format!(
+            "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            listener(
+                "web",
+                &bs,
+                "[listener.plugin_options]\nmode = \"fail_configure\"\ninstances_ok = 1\n"
+            )
+        );
+        let proxy = Proxy::start(&config, 1).await;
+        // Fresh connections land on both workers; one of them has no instance.
+        for i in 0..40 {
+            let (status, text) = exchange(proxy.listeners[0], &format!("/r{i}")).await;
+            assert_eq!(status, 200, "request {i}: {text}");
+        }
+        let m = proxy.metrics().await;
+        let web = ["listener=\"web\""];
+        assert!(
+            metric(&m, "lbwasm_plugin_instantiation_failures_total", &web) >= 1.0,
+            "{m}"
+        );
+        assert!(
+            metric(&m, "lbwasm_plugin_fallbacks_total", &web) >= 1.0,
+            "{m}"
+        );
+        assert!(metric(&m, "lbwasm_plugin_calls_total", &web) >= 1.0, "{m}");
+        let log = proxy.log();
+        assert!(
+            log.contains("cannot instantiate the plugin on this worker")
+                && log.contains("hostile: refused by request"),
+            "{log}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_answering_none_with_healthy_backends_does_not_fail_requests() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let config = format!(
+            "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            listener("web", &bs, "[listener.plugin_options]\nmode = \"none\"\n")
+        );
+        let proxy = Proxy::start(&config, 1).await;
+        for i in 0..20 {
+            let (status, text) = exchange(proxy.listeners[0], &format!("/r{i}")).await;
+            assert_eq!(status, 200, "request {i}: {text}");
+        }
+        let m = proxy.metrics().await;
+        let web = ["listener=\"web\""];
+        assert!(
+            metric(&m, "lbwasm_plugin_bad_answers_total", &web) >= 3.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "lbwasm_plugin_fallbacks_total", &web),
+            20.0,
+            "{m}"
+        );
+        // Suspended after three in a row: the plugin was not asked 20 times.
+        assert!(metric(&m, "lbwasm_plugin_calls_total", &web) < 20.0, "{m}");
+        assert!(
+            proxy
+                .log()
+                .contains("answered none while an eligible backend")
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_is_measured_warned_of_and_bounded_per_listener() {
+    bounded(async {
+        let bs = spawn_backends(2).await;
+        let slow = "[listener.plugin_options]\nmode = \"slow\"\nslow_ms = 30\n";
+        let config = format!(
+            "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+            listener(
+                "patient",
+                &bs,
+                &format!(
+                    "[listener.timeouts]\nplugin = \"500ms\"\nplugin_budget = \"5ms\"\n{slow}"
+                )
+            ),
+            listener(
+                "strict",
+                &bs,
+                &format!("[listener.timeouts]\nplugin = \"5ms\"\n{slow}")
+            ),
+        );
+        let proxy = Proxy::start(&config, 2).await;
+        for i in 0..50 {
+            let (status, text) = exchange(proxy.listeners[0], &format!("/r{i}")).await;
+            assert_eq!(status, 200, "request {i}: {text}");
+        }
+        for i in 0..5 {
+            let (status, text) = exchange(proxy.listeners[1], &format!("/r{i}")).await;
+            assert_eq!(status, 200, "request {i}: {text}");
+        }
+        let m = proxy.metrics().await;
+        let patient = ["listener=\"patient\""];
+        let h = "lbwasm_plugin_choose_duration_seconds";
+        let calls = metric(&m, "lbwasm_plugin_calls_total", &patient);
+        assert_eq!(calls, 50.0, "{m}");
+        assert_eq!(metric(&m, &format!("{h}_count"), &patient), 50.0, "{m}");
+        // Every call took at least 30 ms, none reached the listener's 500 ms deadline.
+        assert_eq!(
+            metric(
+                &m,
+                &format!("{h}_bucket"),
+                &["listener=\"patient\"", "le=\"0.025\""]
+            ),
+            0.0,
+            "{m}"
+        );
+        assert!(
+            metric(&m, &format!("{h}_sum"), &patient) >= 50.0 * 0.028,
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "lbwasm_plugin_timeouts_total", &patient),
+            0.0,
+            "{m}"
+        );
+        // The other listener's 5 ms deadline cuts the same plugin off.
+        let strict = ["listener=\"strict\""];
+        assert!(
+            metric(&m, "lbwasm_plugin_timeouts_total", &strict) >= 1.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "lbwasm_plugin_fallbacks_total", &strict),
+            5.0,
+            "{m}"
+        );
+        let log = proxy.log();
+        assert!(log.contains("plugin choose p99 over budget"), "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_carries_a_description_once() {
+    bounded(async {
+        let bs = spawn_backends(1).await;
+        let config = format!(
+            "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            listener(
+                "web",
+                &bs,
+                "[listener.plugin_options]\nmode = \"ok\"\ndescribe_bytes = 1000\n"
+            )
+        );
+        let proxy = Proxy::start(&config, 1).await;
+        let mut s = TcpStream::connect(proxy.admin).await.expect("connect");
+        let req = format!("GET /events HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.admin);
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut seen = String::new();
+        let mut buf = vec![0u8; 64 << 10];
+        // Four snapshots (one a second).
+        while seen.matches("data: {\"t_ms\"").count() < 4 {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "stream ended: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let description = format!("hostile:{}", "x".repeat(992));
+        assert_eq!(
+            seen.matches(&description).count(),
+            1,
+            "{}",
+            &seen[..2000.min(seen.len())]
+        );
+        assert!(seen.contains("event: facts"));
+    })
+    .await;
+}
