@@ -901,6 +901,73 @@ pub(crate) mod generated {
         (0..n).map(|_| rng.random()).collect()
     }
 
+    /// Input arriving in the pieces that `cuts` make, as a socket would deliver it.
+    pub(crate) struct Feed<'a> {
+        pieces: std::vec::IntoIter<&'a [u8]>,
+    }
+
+    impl<'a> Feed<'a> {
+        pub(crate) fn new(input: &'a [u8], cuts: &[usize]) -> Self {
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for &cut in cuts {
+                pieces.push(&input[from..cut]);
+                from = cut;
+            }
+            pieces.push(&input[from..]);
+            Feed {
+                pieces: pieces.into_iter(),
+            }
+        }
+
+        /// Appends the next piece to `buf`; false when there is none left.
+        pub(crate) fn more(&mut self, buf: &mut bytes::BytesMut) -> bool {
+            match self.pieces.next() {
+                Some(p) => {
+                    buf.extend_from_slice(p);
+                    true
+                }
+                None => false,
+            }
+        }
+
+        /// A body of `n` bytes, from `buf` and the pieces after it.
+        pub(crate) fn length(
+            &mut self,
+            buf: &mut bytes::BytesMut,
+            n: u64,
+        ) -> Result<Vec<u8>, String> {
+            let mut body = Vec::new();
+            let mut left = n as usize;
+            while left > 0 {
+                if buf.is_empty() && !self.more(buf) {
+                    return Err("incomplete body".into());
+                }
+                let k = left.min(buf.len());
+                body.extend_from_slice(&buf.split_to(k));
+                left -= k;
+            }
+            Ok(body)
+        }
+
+        /// A chunked body, decoded by `decoder` from `buf` and the pieces after it.
+        pub(crate) fn chunked(
+            &mut self,
+            buf: &mut bytes::BytesMut,
+            decoder: &mut super::ChunkDecoder,
+        ) -> Result<Vec<u8>, String> {
+            let mut body = Vec::new();
+            loop {
+                match decoder.decode(buf)? {
+                    super::Decoded::Data(b) => body.extend_from_slice(&b),
+                    super::Decoded::Done => return Ok(body),
+                    super::Decoded::More if self.more(buf) => {}
+                    super::Decoded::More => return Err("incomplete chunked body".into()),
+                }
+            }
+        }
+    }
+
     /// Cut points for `len` bytes: sorted, inside the input.
     pub(crate) fn splits(rng: &mut SmallRng, len: usize) -> Vec<usize> {
         let mut cuts: Vec<usize> = (0..rng.random_range(1..8))

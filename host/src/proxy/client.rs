@@ -633,22 +633,7 @@ mod tests {
     /// that `cuts` make: heads by [`parse_head`], bodies by their framing, as
     /// `BackendBody` reads them.
     fn decode_stream(input: &[u8], cuts: &[usize]) -> Result<Vec<Seen>, String> {
-        use crate::proxy::body::{ChunkDecoder, Decoded};
-        let mut pieces = Vec::new();
-        let mut from = 0;
-        for &cut in cuts {
-            pieces.push(&input[from..cut]);
-            from = cut;
-        }
-        pieces.push(&input[from..]);
-        let mut feed = pieces.into_iter();
-        let mut more = |buf: &mut BytesMut| match feed.next() {
-            Some(p) => {
-                buf.extend_from_slice(p);
-                true
-            }
-            None => false,
-        };
+        let mut feed = crate::proxy::body::generated::Feed::new(input, cuts);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         loop {
@@ -660,7 +645,7 @@ mod tests {
                         None => {}
                     }
                 }
-                if !more(&mut buf) {
+                if !feed.more(&mut buf) {
                     return if buf.is_empty() {
                         Ok(out)
                     } else {
@@ -668,37 +653,20 @@ mod tests {
                     };
                 }
             };
-            let mut body = Vec::new();
-            match framing {
-                Framing::Length(n, _) => {
-                    let mut left = n as usize;
-                    while left > 0 {
-                        if buf.is_empty() && !more(&mut buf) {
-                            return Err("incomplete body".into());
-                        }
-                        let k = left.min(buf.len());
-                        body.extend_from_slice(&buf.split_to(k));
-                        left -= k;
-                    }
-                }
+            let body = match framing {
+                Framing::Length(n, _) => feed.length(&mut buf, n)?,
                 Framing::Chunked(_) => {
-                    let mut decoder = ChunkDecoder::default();
-                    loop {
-                        match decoder.decode(&mut buf)? {
-                            Decoded::Data(b) => body.extend_from_slice(&b),
-                            Decoded::Done => break,
-                            Decoded::More if more(&mut buf) => {}
-                            Decoded::More => return Err("incomplete chunked body".into()),
-                        }
-                    }
+                    let mut decoder = crate::proxy::body::ChunkDecoder::default();
+                    feed.chunked(&mut buf, &mut decoder)?
                 }
                 Framing::Close => {
-                    body.extend_from_slice(&buf.split());
-                    while more(&mut buf) {
+                    let mut body = buf.split().to_vec();
+                    while feed.more(&mut buf) {
                         body.extend_from_slice(&buf.split());
                     }
+                    body
                 }
-            }
+            };
             let fields = head.fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec()));
             out.push((head.status.as_u16(), fields.collect(), body));
         }

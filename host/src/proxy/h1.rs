@@ -932,21 +932,7 @@ mod tests {
     /// make, the way the connection does: heads by [`parse_request`] (and the chunked check
     /// of what came with them), bodies by their framing.
     fn decode_stream(input: &[u8], cuts: &[usize]) -> Result<Vec<Seen>, String> {
-        let mut pieces = Vec::new();
-        let mut from = 0;
-        for &cut in cuts {
-            pieces.push(&input[from..cut]);
-            from = cut;
-        }
-        pieces.push(&input[from..]);
-        let mut feed = pieces.into_iter();
-        let mut more = |buf: &mut BytesMut| match feed.next() {
-            Some(p) => {
-                buf.extend_from_slice(p);
-                true
-            }
-            None => false,
-        };
+        let mut feed = crate::proxy::body::generated::Feed::new(input, cuts);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         loop {
@@ -959,7 +945,7 @@ mod tests {
                         Err(Reject(_, why)) => return Err(why),
                     }
                 }
-                if !more(&mut buf) {
+                if !feed.more(&mut buf) {
                     return if buf.is_empty() {
                         Ok(out)
                     } else {
@@ -967,33 +953,15 @@ mod tests {
                     };
                 }
             };
-            let mut body = Vec::new();
-            match head.body {
-                None => {}
-                Some(BodyFraming::Length(n)) => {
-                    let mut left = n as usize;
-                    while left > 0 {
-                        if buf.is_empty() && !more(&mut buf) {
-                            return Err("incomplete body".into());
-                        }
-                        let k = left.min(buf.len());
-                        body.extend_from_slice(&buf.split_to(k));
-                        left -= k;
-                    }
-                }
+            let body = match head.body {
+                None => Vec::new(),
+                Some(BodyFraming::Length(n)) => feed.length(&mut buf, n)?,
                 Some(BodyFraming::Chunked) => {
                     let mut decoder = ChunkDecoder::default();
                     decoder.check(&buf)?;
-                    loop {
-                        match decoder.decode(&mut buf)? {
-                            Decoded::Data(b) => body.extend_from_slice(&b),
-                            Decoded::Done => break,
-                            Decoded::More if more(&mut buf) => {}
-                            Decoded::More => return Err("incomplete chunked body".into()),
-                        }
-                    }
+                    feed.chunked(&mut buf, &mut decoder)?
                 }
-            }
+            };
             let Fields::Raw(raw) = &head.req.fields else {
                 return Err("fields not raw".into());
             };
