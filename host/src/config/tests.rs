@@ -272,6 +272,24 @@ fn the_proxy_protocol_is_for_tcp_listeners() {
 }
 
 #[test]
+fn via_is_an_http_listeners_opt_in() {
+    let mut lines = BASE.to_vec();
+    assert!(!parse(&lines).expect("valid").listeners[0].via);
+    lines.insert(1, "via = true");
+    assert!(parse(&lines).expect("valid").listeners[0].via);
+    lines[1] = "via = \"yes\"";
+    assert!(error(&lines).starts_with("lbwasm.toml:2: listener[0].via: expected"));
+    let mut lines = BASE.to_vec();
+    lines.insert(1, "protocol = \"tcp\"");
+    lines.insert(2, "via = true");
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:3: listener[0].via: only an http listener adds Via; a tcp listener \
+         relays bytes untouched"
+    );
+}
+
+#[test]
 fn syntax_errors_name_the_line() {
     let e = error(&["workers = 1", "[[listener]]", "listen = "]);
     assert!(e.starts_with("lbwasm.toml:3: invalid TOML: "), "{e}");
