@@ -968,6 +968,23 @@ pub(crate) mod generated {
         }
     }
 
+    /// Asserts that `decode` gives `whole` for `input` cut at every byte boundary and in
+    /// 20 random multi-way splits: a parser must not depend on how bytes arrive.
+    pub(crate) fn same_however_split<T: PartialEq + std::fmt::Debug>(
+        rng: &mut SmallRng,
+        input: &[u8],
+        whole: &T,
+        decode: impl Fn(&[u8], &[usize]) -> T,
+    ) {
+        for cut in 0..=input.len() {
+            assert_eq!(&decode(input, &[cut]), whole, "cut at {cut}");
+        }
+        for _ in 0..20 {
+            let cuts = splits(rng, input.len());
+            assert_eq!(&decode(input, &cuts), whole, "cuts {cuts:?}");
+        }
+    }
+
     /// Cut points for `len` bytes: sorted, inside the input.
     pub(crate) fn splits(rng: &mut SmallRng, len: usize) -> Vec<usize> {
         let mut cuts: Vec<usize> = (0..rng.random_range(1..8))
