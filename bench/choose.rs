@@ -12,6 +12,7 @@ use std::time::Duration;
 const SIZES: [usize; 4] = [4, 16, 64, 1000];
 
 fn runtime(cache: bool) -> Runtime {
+    lbwasm::install_builtins();
     let cache_dir = if cache {
         RuntimeConfig::default().cache_dir
     } else {
@@ -117,7 +118,7 @@ fn load(c: &mut Criterion) {
 
 fn sandbox(c: &mut Criterion) {
     let rt = runtime(true);
-    let wasm = PathBuf::from(env!("LBWASM_WASM_DIR")).join("hostile.wasm");
+    let wasm = PathBuf::from(lbwasm_fixtures::WASM_DIR).join("hostile.wasm");
     let pool = StaticPool::with_servers(3);
     let view = pool.view();
     let mut g = c.benchmark_group("sandbox");

@@ -5,126 +5,22 @@
 //! timeout, asserts outcomes (statuses, counts, messages), never durations, and kills its
 //! children by PID.
 
+mod common;
+
 use std::collections::HashMap;
-use std::future::Future;
-use std::io::{BufRead as _, BufReader as StdBufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Generous bound for any one test, only there to turn a hang into a failure.
-const LIMIT: Duration = Duration::from_secs(120);
-
-async fn bounded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(LIMIT, test)
-        .await
-        .expect("test timed out");
-}
-
-/// Polls `check` every 50 ms until it holds (bounded by the test's own limit).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    for _ in 0..1200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never happened: {what}");
-}
-
-/// A child process killed (by PID) when dropped.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn lbwasm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lbwasm"))
-}
-
-/// What a started `lbwasm serve` printed: its listeners and its admin address.
-struct Serving {
-    child: Reaped,
-    listen: Vec<SocketAddr>,
-    admin: Option<SocketAddr>,
-}
-
-/// Starts `cmd` (`lbwasm serve ...`) and reads the addresses of its `listeners` listeners
-/// (and of its admin endpoint when `admin`) off its standard output, which is drained
-/// afterwards so that the child never writes to a closed pipe.
-async fn serving(mut cmd: Command, listeners: usize, admin: bool) -> Serving {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start lbwasm");
-    let stdout = child.stdout.take().expect("stdout");
-    let child = Reaped(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut listen = Vec::new();
-        let mut admin_addr = None;
-        let mut sent = false;
-        for line in StdBufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("lbwasm listening on ") {
-                listen.extend(a.parse::<SocketAddr>().ok());
-            } else if let Some(a) = line.strip_prefix("lbwasm admin on ") {
-                admin_addr = a.parse::<SocketAddr>().ok();
-            }
-            if !sent && listen.len() == listeners && (!admin || admin_addr.is_some()) {
-                let _ = tx.send((listen.clone(), admin_addr));
-                sent = true;
-            }
-        }
-        if !sent {
-            let _ = tx.send((listen, admin_addr));
-        }
-    });
-    let (listen, admin_addr) = tokio::task::spawn_blocking(move || rx.recv().expect("stdout"))
-        .await
-        .expect("join");
-    assert_eq!(listen.len(), listeners, "lbwasm exited before listening");
-    assert!(
-        !admin || admin_addr.is_some(),
-        "lbwasm printed no admin address"
-    );
-    Serving {
-        child,
-        listen,
-        admin: admin_addr,
-    }
-}
-
-/// Sends `signal` to the child, by its PID.
-fn signal(child: &Reaped, signal: i32) {
-    let pid = i32::try_from(child.0.id()).expect("pid");
-    // SAFETY: signalling our own child by its PID.
-    unsafe {
-        libc::kill(pid, signal);
-    }
-}
-
-/// Sends `sig`, then waits for the exit status.
-async fn stop(child: Reaped, sig: i32) -> std::process::ExitStatus {
-    signal(&child, sig);
-    let mut child = child;
-    tokio::task::spawn_blocking(move || (child.0.wait(), child))
-        .await
-        .expect("join")
-        .0
-        .expect("wait")
-}
+use common::backends::{read_head, serve_each};
+use common::http::{exchange_lenient, status_of};
+use common::process::{lbwasm, serving, stop};
+use common::{bounded, eventually};
+use tokio::io::AsyncWriteExt as _;
 
 /// One request written as given (`headers` verbatim, plus `Content-Length` when there is a
-/// body, and `Connection: close`); the status and the body.
+/// body, and `Connection: close`); the status, and the head (lower-cased), a blank line and
+/// the body of the reply.
 async fn call(
     addr: SocketAddr,
     method: &str,
@@ -140,22 +36,11 @@ async fn call(
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("Connection: close\r\n\r\n");
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(head.as_bytes()).await.expect("write head");
-    s.write_all(body).await.expect("write body");
-    let mut reply = Vec::new();
-    // An event stream never ends: the head and first bytes are enough to judge it.
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
-    let text = String::from_utf8_lossy(&reply).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let text = exchange_lenient(addr, &[head.as_bytes(), body].concat()).await;
     let body = text
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string());
-    (status, text_head(&text) + "\n" + &body)
+    (status_of(&text), text_head(&text) + "\n" + &body)
 }
 
 /// The head of a raw reply, lower-cased (to look for a header).
@@ -174,43 +59,31 @@ struct TestBackend {
 
 impl TestBackend {
     async fn start(load_status: u16) -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let paths: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let seen = paths.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
+        let addr = serve_each(move |mut s| {
+            let seen = seen.clone();
+            async move {
+                let Some(head) = read_head(&mut s).await else {
                     return;
                 };
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&buf);
-                    let path = text.split(' ').nth(1).unwrap_or("").to_string();
-                    *seen.lock().unwrap().entry(path.clone()).or_default() += 1;
-                    let (status, body) = if path == "/load" && load_status == 200 {
-                        ("200 OK", r#"{"cpu_percent": 10, "memory_percent": 20}"#)
-                    } else if path == "/load" {
-                        ("404 Not Found", "no such path")
-                    } else {
-                        ("200 OK", "ok")
-                    };
-                    let reply = format!(
-                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(reply.as_bytes()).await;
-                });
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                *seen.lock().unwrap().entry(path.clone()).or_default() += 1;
+                let (status, body) = if path == "/load" && load_status == 200 {
+                    ("200 OK", r#"{"cpu_percent": 10, "memory_percent": 20}"#)
+                } else if path == "/load" {
+                    ("404 Not Found", "no such path")
+                } else {
+                    ("200 OK", "ok")
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
             }
-        });
+        })
+        .await;
         TestBackend { addr, paths }
     }
 
@@ -690,6 +563,7 @@ async fn a_missing_wasm_named_like_a_builtin_says_how_to_get_it() {
             .expect("run lbwasm");
         assert!(out.status.success(), "{out:?}");
         let written = std::fs::read(dir.path().join("least_loaded.wasm")).expect("exported");
+        lbwasm::install_builtins();
         assert_eq!(
             written,
             lbwasm::plugin::builtin::get("least_loaded").expect("built-in")
@@ -738,6 +612,7 @@ async fn upload_folders_are_removed_at_exit() {
     bounded(async {
         let b = TestBackend::start(200).await;
         let backends = b.addr.to_string();
+        lbwasm::install_builtins();
         let wasm = lbwasm::plugin::builtin::get("random").expect("built-in");
         for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
             let tmp = tempfile::tempdir().expect("tempdir");
@@ -771,9 +646,7 @@ async fn upload_folders_are_removed_at_exit() {
             )
             .await;
             assert_eq!(status, 200, "{reply}");
-            let folder = tmp
-                .path()
-                .join(format!("lbwasm-uploads-{}", s.child.0.id()));
+            let folder = tmp.path().join(format!("lbwasm-uploads-{}", s.child.pid()));
             assert!(
                 folder.is_dir(),
                 "the upload is saved in {}",

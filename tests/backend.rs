@@ -2,87 +2,24 @@
 //! driven by a hyper client (and a raw socket for `--tcp`). Every test is bounded by a
 //! timeout and asserts on the servers' own counters, never on wall-clock durations.
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt as _, Full};
-use hyper::{HeaderMap, Method, Request, StatusCode, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use common::http::{HttpClient, client, get, h2_client, try_send};
+use common::within;
+use hyper::{Method, StatusCode, Version};
 use lbwasm::backend::{
     BackendArgs, BackendConfig, Fault, FaultWindow, LoadReport, Protocol, spawn,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
 /// Generous upper bound for any one test, only there to turn a hang into a failure.
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(LIMIT, test)
-        .await
-        .expect("test timed out");
-}
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    version: Version,
-    body: Bytes,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8(self.body.to_vec()).expect("utf-8 body")
-    }
-
-    fn served_by(&self) -> &str {
-        self.headers
-            .get("x-served-by")
-            .expect("x-served-by header")
-            .to_str()
-            .expect("ascii x-served-by")
-    }
-}
-
-async fn send(
-    client: &HttpClient,
-    method: Method,
-    addr: SocketAddr,
-    path: &str,
-    body: Bytes,
-) -> Result<Reply, hyper_util::client::legacy::Error> {
-    let req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .body(Full::new(body))
-        .expect("request");
-    let res = client.request(req).await?;
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("response body").to_bytes();
-    Ok(Reply {
-        status: parts.status,
-        headers: parts.headers,
-        version: parts.version,
-        body,
-    })
-}
-
-async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Reply {
-    send(client, Method::GET, addr, path, Bytes::new())
-        .await
-        .expect("GET")
-}
 
 async fn load(client: &HttpClient, addr: SocketAddr) -> LoadReport {
     let reply = get(client, addr, "/load").await;
@@ -99,7 +36,7 @@ fn config() -> BackendConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_answer_with_their_shapes_and_served_by() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(config()).await.expect("spawn");
         let addr = backend.addr();
         assert_ne!(addr.port(), 0);
@@ -138,7 +75,7 @@ async fn endpoints_answer_with_their_shapes_and_served_by() {
         assert!(report.memory_percent > 0.0 && report.memory_percent <= 100.0);
         assert!(report.cpu_percent >= 0.0 && report.process_cpu_percent >= 0.0);
 
-        let put = send(&c, Method::PUT, addr, "/", Bytes::new())
+        let put = try_send(&c, Method::PUT, addr, "/", &[], Bytes::new())
             .await
             .expect("PUT");
         assert_eq!(put.status, StatusCode::METHOD_NOT_ALLOWED);
@@ -152,21 +89,20 @@ async fn endpoints_answer_with_their_shapes_and_served_by() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_is_served() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(config()).await.expect("spawn");
-        let h2: HttpClient = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+        let h2 = h2_client();
         let reply = get(&h2, backend.addr(), "/").await;
         assert_eq!(reply.version, Version::HTTP_2);
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.text(), "GET / served by b1\n");
         assert_eq!(reply.served_by(), "b1");
-        let echo = send(
+        let echo = try_send(
             &h2,
             Method::POST,
             backend.addr(),
             "/x",
+            &[],
             Bytes::from_static(b"hi"),
         )
         .await
@@ -178,17 +114,18 @@ async fn http2_prior_knowledge_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_echoes_a_100kb_body() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(config()).await.expect("spawn");
         let payload: Bytes = (0..100_000u32)
             .map(|i| (i % 251) as u8)
             .collect::<Vec<_>>()
             .into();
-        let reply = send(
+        let reply = try_send(
             &client(),
             Method::POST,
             backend.addr(),
             "/upload",
+            &[],
             payload.clone(),
         )
         .await
@@ -204,7 +141,7 @@ async fn post_echoes_a_100kb_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_rate_one_answers_500() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(BackendConfig {
             error_rate: 1.0,
             seed: Some(1),
@@ -232,7 +169,7 @@ async fn error_rate_one_answers_500() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_rate_half_fails_about_half() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(BackendConfig {
             error_rate: 0.5,
             seed: Some(42),
@@ -261,7 +198,7 @@ async fn error_rate_half_fails_about_half() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_one_serialises_concurrent_requests() {
-    bounded(async {
+    within(LIMIT, async {
         let mut overlapped = false;
         // A round where the four requests never overlapped (a very stalled machine)
         // proves nothing, so try a few rounds; every round must respect the capacity.
@@ -307,7 +244,7 @@ async fn capacity_one_serialises_concurrent_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_in_flight_requests() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(BackendConfig {
             latency: Duration::from_millis(300),
             ..config()
@@ -341,7 +278,7 @@ async fn load_reports_in_flight_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_cpu_after_cpu_work() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(BackendConfig {
             cpu_work: Duration::from_millis(20),
             ..config()
@@ -380,7 +317,7 @@ async fn refused(addr: SocketAddr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_down_window_refuses_then_recovers() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(BackendConfig {
             faults: vec![FaultWindow {
                 fault: Fault::Down,
@@ -393,19 +330,21 @@ async fn scheduled_down_window_refuses_then_recovers() {
         .expect("spawn");
         let addr = backend.addr();
         let before = backend.fault();
-        let attempt = send(&client(), Method::GET, addr, "/", Bytes::new()).await;
+        let attempt = try_send(&client(), Method::GET, addr, "/", &[], Bytes::new()).await;
         let after = backend.fault();
         if before == Some(Fault::Down) && after == Some(Fault::Down) {
             let error = attempt.err().expect("a down server answered");
             assert!(
-                error.is_connect(),
+                error
+                    .downcast_ref::<hyper_util::client::legacy::Error>()
+                    .is_some_and(|e| e.is_connect()),
                 "expected a refused connection, got {error:?}"
             );
         }
         // After the window the server listens again on the same port.
         let c = client();
         loop {
-            if let Ok(reply) = send(&c, Method::GET, addr, "/", Bytes::new()).await {
+            if let Ok(reply) = try_send(&c, Method::GET, addr, "/", &[], Bytes::new()).await {
                 assert_eq!(reply.status, StatusCode::OK);
                 assert_eq!(reply.served_by(), "b1");
                 break;
@@ -419,7 +358,7 @@ async fn scheduled_down_window_refuses_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_faults_are_seen_by_requests_and_health_checks() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(config()).await.expect("spawn");
         let addr = backend.addr();
         let c = client();
@@ -441,7 +380,7 @@ async fn runtime_faults_are_seen_by_requests_and_health_checks() {
 
         backend.set_fault(Some(Fault::Down));
         assert_eq!(backend.fault(), Some(Fault::Down));
-        match send(&client(), Method::GET, addr, "/", Bytes::new()).await {
+        match try_send(&client(), Method::GET, addr, "/", &[], Bytes::new()).await {
             Err(_) => {}
             Ok(reply) => assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE),
         }
@@ -452,7 +391,9 @@ async fn runtime_faults_are_seen_by_requests_and_health_checks() {
         backend.set_fault(None);
         let c = client();
         loop {
-            if let Ok(reply) = send(&c, Method::GET, addr, "/heartbeat", Bytes::new()).await {
+            if let Ok(reply) =
+                try_send(&c, Method::GET, addr, "/heartbeat", &[], Bytes::new()).await
+            {
                 assert_eq!(reply.status, StatusCode::OK);
                 break;
             }
@@ -464,7 +405,7 @@ async fn runtime_faults_are_seen_by_requests_and_health_checks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_and_drop_close_the_port() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(config()).await.expect("spawn");
         let addr = backend.addr();
         assert_eq!(get(&client(), addr, "/").await.status, StatusCode::OK);
@@ -486,7 +427,7 @@ async fn shutdown_and_drop_close_the_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_mode_pings_and_echoes() {
-    bounded(async {
+    within(LIMIT, async {
         let backend = spawn(BackendConfig {
             protocol: Protocol::Tcp,
             ..config()

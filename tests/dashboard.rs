@@ -10,8 +10,9 @@
 //! charts fill for a while and saves a screenshot of the page under load (that is how
 //! `docs/dashboard.png` is made).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,16 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::{Method, Request};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use common::backends::closed_port;
+use common::config::{listener, weight_1};
+use common::http::{HttpClient, Reply, client, send, try_send};
+use common::{until, within};
+use hyper::Method;
 use lbwasm::backend::{BackendConfig, spawn};
-use lbwasm::serve::Server;
 use serde_json::{Value, json};
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Only there to turn a hang into a failure (the screenshot run waits a minute more).
 const LIMIT: Duration = Duration::from_secs(240);
@@ -40,9 +38,7 @@ async fn dashboard_in_a_real_browser() {
     let Some(browser) = browser_binaries() else {
         return;
     };
-    tokio::time::timeout(LIMIT, scenario(browser))
-        .await
-        .expect("dashboard test timed out");
+    within(LIMIT, scenario(browser)).await;
 }
 
 struct Binaries {
@@ -78,7 +74,8 @@ fn browser_binaries() -> Option<Binaries> {
 }
 
 async fn scenario(bin: Binaries) {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    lbwasm::install_builtins();
+    let client = client();
     let http = &client;
 
     // Three backends of different speeds, a proxy balancing them round-robin.
@@ -90,20 +87,22 @@ async fn scenario(bin: Binaries) {
         backends.push(spawn(cfg).await.expect("starting a backend"));
     }
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr()).collect();
+    // The admin address is chosen here, so that a restarted proxy has the same one.
     let config_text = |admin: SocketAddr| {
-        let mut text = format!(
-            "workers = 2\n[admin]\nlisten = \"{admin}\"\n\n[[listener]]\nname = \"web\"\n\
-             listen = \"127.0.0.1:0\"\nplugin = \"round_robin\"\nhash_key = \"header:{USER_HEADER}\"\n"
+        let keys = format!("hash_key = \"header:{USER_HEADER}\"");
+        let web = listener(
+            "web",
+            "round_robin",
+            &weight_1(addrs.iter().copied()),
+            &keys,
+            "",
         );
-        for a in &addrs {
-            text.push_str(&format!("[[listener.backend]]\naddress = \"{a}\"\n"));
-        }
-        text
+        format!("workers = 2\n[admin]\nlisten = \"{admin}\"\n\n{web}")
     };
     let config =
         lbwasm::config::parse_str(&config_text(closed_port()), Path::new("dashboard.toml"))
             .expect("config");
-    let server = tokio::task::spawn_blocking(move || Server::start(config))
+    let server = tokio::task::spawn_blocking(move || lbwasm::admin::start(config))
         .await
         .expect("start task")
         .expect("starting the proxy");
@@ -124,7 +123,7 @@ async fn scenario(bin: Binaries) {
     page.goto(&format!("http://{admin}/")).await;
 
     // The three backends are listed, and the connection is live.
-    let rows = eventually(
+    let rows = until(
         "the page lists 3 backends",
         Duration::from_secs(20),
         || async move {
@@ -138,7 +137,7 @@ async fn scenario(bin: Binaries) {
     assert_eq!(listed, started);
     let conn = page.find("#conn").await.expect("#conn");
     let conn = conn.as_str();
-    eventually(
+    until(
         "the page says live",
         Duration::from_secs(10),
         || async move { (page.text(conn).await == "live").then_some(()) },
@@ -146,7 +145,7 @@ async fn scenario(bin: Binaries) {
     .await;
 
     // Live figures: requests/s are shown, and the cells move under load.
-    eventually(
+    until(
         "req/s figures under load",
         Duration::from_secs(15),
         || async move {
@@ -204,7 +203,7 @@ async fn scenario(bin: Binaries) {
         .await;
     let notice = page.find("#notice").await.expect("#notice");
     let notice = notice.as_str();
-    eventually(
+    until(
         "the page confirms the switch",
         Duration::from_secs(20),
         || async move {
@@ -215,7 +214,7 @@ async fn scenario(bin: Binaries) {
     .await;
     let name = page.find("#plugin-name").await.expect("#plugin-name");
     let name = name.as_str();
-    eventually(
+    until(
         "the page shows maglev",
         Duration::from_secs(5),
         || async move { (page.text(name).await == "maglev").then_some(()) },
@@ -224,7 +223,7 @@ async fn scenario(bin: Binaries) {
     // The description comes once per plugin (the stream's `facts` event), not per snapshot.
     let desc = page.find("#plugin-desc").await.expect("#plugin-desc");
     let desc = desc.as_str();
-    eventually(
+    until(
         "the page describes maglev",
         Duration::from_secs(5),
         || async move { page.text(desc).await.contains("Maglev").then_some(()) },
@@ -232,13 +231,13 @@ async fn scenario(bin: Binaries) {
     .await;
 
     // ... which the admin API reports, picks by, and the traffic follows.
-    let report = get_json(http, &format!("http://{admin}/backends")).await;
+    let report = get_json(http, admin, "/backends").await;
     assert_eq!(report["listeners"][0]["plugin"], "maglev");
-    let pick = get_json(http, &format!("http://{admin}/pick?listener=web&key=alice")).await;
+    let pick = get_json(http, admin, "/pick?listener=web&key=alice").await;
     assert_eq!(pick["plugin"], "maglev");
     let alice_addr = pick["backend"].as_str().expect("pick backend").to_string();
     let alice_addr = alice_addr.as_str();
-    let again = get_json(http, &format!("http://{admin}/pick?listener=web&key=alice")).await;
+    let again = get_json(http, admin, "/pick?listener=web&key=alice").await;
     assert_eq!(again["backend"], alice_addr, "maglev picks are stable");
     let after: BTreeSet<String> = user_requests(http, listen, "alice", 30)
         .await
@@ -267,11 +266,11 @@ async fn scenario(bin: Binaries) {
         .expect("remove button");
     page.click(&remove).await; // arms
     page.click(&remove).await; // confirms
-    eventually(
+    until(
         "the removed backend leaves the pool",
         Duration::from_secs(10),
         || async move {
-            let report = get_json(http, &format!("http://{admin}/backends")).await;
+            let report = get_json(http, admin, "/backends").await;
             let gone = report["listeners"][0]["backends"]
                 .as_array()
                 .is_some_and(|list| {
@@ -282,7 +281,7 @@ async fn scenario(bin: Binaries) {
     )
     .await;
     let removed_at = Instant::now();
-    eventually(
+    until(
         "the page drops the removed row",
         Duration::from_secs(10),
         || async move {
@@ -332,9 +331,9 @@ async fn scenario(bin: Binaries) {
         .map(|s| s.local_addr().expect("address").to_string())
         .collect();
     drop(sockets);
-    let uri = format!("http://{admin}/backends/add");
-    post_json(http, &uri, &json!({"listener": "web", "addresses": more})).await;
-    eventually(
+    let add = json!({"listener": "web", "addresses": more});
+    post_json(http, admin, "/backends/add", &add).await;
+    until(
         "the page lists 100 backends",
         Duration::from_secs(15),
         || async move { (table(page).await.len() == 100).then_some(()) },
@@ -346,7 +345,7 @@ async fn scenario(bin: Binaries) {
     let updated = page.find("#updated").await.expect("#updated");
     let updated = updated.as_str();
     let before = page.text(updated).await;
-    eventually("two more snapshots", Duration::from_secs(10), || {
+    until("two more snapshots", Duration::from_secs(10), || {
         let before = before.clone();
         async move { (page.text(updated).await != before).then_some(()) }
     })
@@ -378,7 +377,7 @@ async fn scenario(bin: Binaries) {
 
     // The balancer goes away: the page says so, and comes back by itself with it.
     server.shutdown(Duration::from_secs(2)).await;
-    eventually(
+    until(
         "the page shows it is reconnecting",
         Duration::from_secs(15),
         || async move { (page.text(conn).await == "reconnecting…").then_some(()) },
@@ -386,11 +385,11 @@ async fn scenario(bin: Binaries) {
     .await;
     let config = lbwasm::config::parse_str(&config_text(admin), Path::new("dashboard.toml"))
         .expect("config");
-    let server = tokio::task::spawn_blocking(move || Server::start(config))
+    let server = tokio::task::spawn_blocking(move || lbwasm::admin::start(config))
         .await
         .expect("start task")
         .expect("restarting the proxy on the same admin address");
-    eventually(
+    until(
         "the page is live again",
         Duration::from_secs(20),
         || async move {
@@ -406,32 +405,28 @@ async fn scenario(bin: Binaries) {
     }
 }
 
-/// An address nothing listens on.
-fn closed_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+/// An admin API call that must succeed; its JSON answer.
+async fn admin_json(
+    http: &HttpClient,
+    method: Method,
+    admin: SocketAddr,
+    path: &str,
+    body: Option<&Value>,
+) -> Value {
+    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let headers = [("content-type", "application/json")];
+    let r = send(http, method.clone(), admin, path, &headers, body).await;
+    assert!(
+        r.status.is_success(),
+        "{method} {path}: {} {}",
+        r.status,
+        r.text()
+    );
+    serde_json::from_slice(&r.body).expect("admin JSON")
 }
 
-async fn post_json(http: &HttpClient, uri: &str, body: &Value) -> Value {
-    let req = Request::post(uri)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let res = http.request(req).await.expect("admin request");
-    let status = res.status();
-    let body = res
-        .into_body()
-        .collect()
-        .await
-        .expect("admin body")
-        .to_bytes();
-    assert!(
-        status.is_success(),
-        "POST {uri}: {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    serde_json::from_slice(&body).expect("admin JSON")
+async fn post_json(http: &HttpClient, admin: SocketAddr, path: &str, body: &Value) -> Value {
+    admin_json(http, Method::POST, admin, path, Some(body)).await
 }
 
 // ---- the page's table -----------------------------------------------------------------------
@@ -525,15 +520,12 @@ impl Load {
 
 /// One request through the proxy as `user`; the backend id that served it.
 async fn request(http: &HttpClient, addr: SocketAddr, user: &str) -> Option<String> {
-    let req = Request::get(format!("http://{addr}/work"))
-        .header(USER_HEADER, user)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let res = http.request(req).await.ok()?;
-    let by = res.headers().get("x-served-by")?.to_str().ok()?.to_string();
-    let ok = res.status().is_success();
-    res.into_body().collect().await.ok()?;
-    ok.then_some(by)
+    let headers = [(USER_HEADER, user)];
+    let r: Reply = try_send(http, Method::GET, addr, "/work", &headers, Bytes::new())
+        .await
+        .ok()?;
+    let by = r.headers.get("x-served-by")?.to_str().ok()?.to_string();
+    r.status.is_success().then_some(by)
 }
 
 async fn user_requests(http: &HttpClient, addr: SocketAddr, user: &str, n: usize) -> Vec<String> {
@@ -548,38 +540,8 @@ async fn user_requests(http: &HttpClient, addr: SocketAddr, user: &str, n: usize
     out
 }
 
-async fn get_json(http: &HttpClient, uri: &str) -> Value {
-    let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
-    let res = http.request(req).await.expect("admin request");
-    let status = res.status();
-    let body = res
-        .into_body()
-        .collect()
-        .await
-        .expect("admin body")
-        .to_bytes();
-    assert!(
-        status.is_success(),
-        "GET {uri}: {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    serde_json::from_slice(&body).expect("admin JSON")
-}
-
-/// Polls `check` until it gives a value, or fails naming `what`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn get_json(http: &HttpClient, admin: SocketAddr, path: &str) -> Value {
+    admin_json(http, Method::GET, admin, path, None).await
 }
 
 // ---- the browser ----------------------------------------------------------------------------
@@ -615,13 +577,10 @@ impl Drop for Processes {
 
 impl Browser {
     async fn start(bin: &Binaries) -> Browser {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let driver_addr = closed_port();
         let profile = tempfile::tempdir().expect("profile directory");
         let driver = Command::new(&bin.chromedriver)
-            .arg(format!("--port={port}"))
+            .arg(format!("--port={}", driver_addr.port()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -629,11 +588,11 @@ impl Browser {
             .expect("starting chromedriver");
         let processes = Processes { driver, profile };
         let wd = WebDriver {
-            http: Client::builder(TokioExecutor::new()).build_http(),
-            base: format!("http://127.0.0.1:{port}"),
+            http: client(),
+            addr: driver_addr,
         };
         let driver = &wd;
-        eventually(
+        until(
             "chromedriver is ready",
             Duration::from_secs(20),
             || async move {
@@ -744,35 +703,25 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 struct WebDriver {
     http: HttpClient,
-    base: String,
+    addr: SocketAddr,
 }
 
 impl WebDriver {
     /// One command; its `value`, or the WebDriver error.
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
         let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-        let req = Request::builder()
-            .method(method.clone())
-            .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json; charset=utf-8")
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        let res = self.http.request(req).await.map_err(|e| e.to_string())?;
-        let status = res.status();
-        let bytes = res
-            .into_body()
-            .collect()
+        let headers = [("content-type", "application/json; charset=utf-8")];
+        let r = try_send(&self.http, method.clone(), self.addr, path, &headers, body)
             .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+            .map_err(|e| e.to_string())?;
         let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{method} {path}: {e}"))?;
-        if status.is_success() {
+            serde_json::from_slice(&r.body).map_err(|e| format!("{method} {path}: {e}"))?;
+        if r.status.is_success() {
             Ok(v["value"].clone())
         } else {
             Err(format!(
-                "{method} {path}: {status} {} {}",
-                v["value"]["error"], v["value"]["message"]
+                "{method} {path}: {} {} {}",
+                r.status, v["value"]["error"], v["value"]["message"]
             ))
         }
     }

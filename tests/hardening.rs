@@ -11,140 +11,55 @@
 //! - an absolute-form target's authority is the Host sent on;
 //! - `Connection` options are bounded; `Via` is opt-in; refusals are in `/metrics`.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use lbwasm::backend::{self, BackendConfig, BackendHandle};
-use lbwasm::config;
+use common::backends::{demo_backends, read_head, serve_each};
+use common::config::{listener, weight_1, with_admin};
+use common::http::{client, exchange_lenient, get_request, read_lenient, status_of};
+use common::proxy::{backend_state, start_config};
+use common::within;
 use lbwasm::serve::Server;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
-    tokio::time::timeout(LIMIT, test)
-        .await
-        .expect("test timed out");
-}
 
 /// A proxy, one worker (so every request shares one pool of backend connections), with
 /// listener "web" over `backends`; `extra`: more lines for the listener.
 fn start(backends: &[SocketAddr], extra: &str) -> Server {
-    let mut text = format!(
-        "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"web\"\n\
-         listen = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n{extra}\n"
+    let web = listener(
+        "web",
+        "round_robin",
+        &weight_1(backends.iter().copied()),
+        extra,
+        "",
     );
-    for b in backends {
-        text.push_str(&format!("[[listener.backend]]\naddress = \"{b}\"\n"));
-    }
-    let config = config::parse_str(&text, Path::new("hardening.toml"))
-        .unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"));
-    Server::start(config).expect("server starts")
-}
-
-/// A test server on 127.0.0.1: `handle` runs in its own task for each connection.
-async fn serve_each<F, Fut>(handle: F) -> SocketAddr
-where
-    F: Fn(TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(handle(stream));
-        }
-    });
-    addr
-}
-
-/// Reads one request head (and discards it); None when the peer closed.
-async fn read_request(s: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// Writes `raw` on a new connection and reads until the proxy closes it (5 s at most).
-async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(raw).await.expect("write");
-    read_all(&mut s).await
-}
-
-async fn read_all(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    start_config(&with_admin(1, &web, None))
 }
 
 /// One GET on its own connection; the whole response.
 async fn get(addr: SocketAddr, path: &str) -> String {
-    exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
+    exchange_lenient(addr, get_request(addr, path).as_bytes()).await
 }
 
 /// The admin API's answer to `GET path`, as JSON or text.
 async fn admin_get(server: &Server, path: &str) -> String {
     let addr = server.admin_addr().expect("admin");
-    let raw = exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
+    let raw = exchange_lenient(addr, get_request(addr, path).as_bytes()).await;
     raw.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
 }
 
-/// Every backend of listener "web" as `/backends` reports it.
-async fn backends(server: &Server) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&admin_get(server, "/backends").await).expect("json");
-    v["listeners"][0]["backends"]
-        .as_array()
-        .expect("backends")
-        .clone()
-}
-
+/// A backend of listener "web" as `/backends` reports it.
 async fn backend_report(server: &Server, addr: SocketAddr) -> Value {
-    backends(server)
-        .await
-        .into_iter()
-        .find(|b| b["address"] == addr.to_string())
-        .expect("listed")
-}
-
-async fn demo_backends(n: usize) -> Vec<BackendHandle> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(
-            backend::spawn(BackendConfig::new(0))
-                .await
-                .expect("backend"),
-        );
-    }
-    v
-}
-
-fn status_of(response: &str) -> u16 {
-    response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {response:?}"))
+    backend_state(&client(), server, addr).await
 }
 
 /// A backend that answers its very first request, then, `delay` later, writes `extra` on
@@ -156,7 +71,7 @@ async fn desync_backend(extra: &'static [u8], delay: Duration) -> SocketAddr {
     serve_each(move |mut s| {
         let once = once.clone();
         async move {
-            while let Some(head) = read_request(&mut s).await {
+            while let Some(head) = read_head(&mut s).await {
                 if once.swap(false, Ordering::Relaxed) {
                     let answer: &[u8] = if head.starts_with("HEAD") {
                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
@@ -179,7 +94,7 @@ async fn desync_backend(extra: &'static [u8], delay: Duration) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backends_unasked_bytes_never_reach_another_client() {
-    bounded(async {
+    within(LIMIT, async {
         for (first, extra) in [
             (
                 "GET",
@@ -194,7 +109,7 @@ async fn a_backends_unasked_bytes_never_reach_another_client() {
             let server = start(&[be], "");
             let proxy = server.listen_addrs()[0];
             // Keep-alive: the backend connection goes back to the pool.
-            let r = exchange(
+            let r = exchange_lenient(
                 proxy,
                 format!("{first} /1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
             )
@@ -248,7 +163,7 @@ async fn slurp_backend(id: usize) -> SocketAddr {
 /// closed) and cost the backends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_cannot_eject_healthy_backends() {
-    bounded(async {
+    within(LIMIT, async {
         let mut addrs = Vec::new();
         for id in 0..3 {
             addrs.push(slurp_backend(id).await);
@@ -267,7 +182,7 @@ async fn clients_cannot_eject_healthy_backends() {
                 format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(100 * 1024)),
                 "5\r\nhello\r\n0\r\nnot a field\r\n\r\n".to_string(),
             ] {
-                let r = exchange(
+                let r = exchange_lenient(
                     proxy,
                     format!("{post}Transfer-Encoding: chunked\r\n\r\n{bad}").as_bytes(),
                 )
@@ -285,7 +200,7 @@ async fn clients_cannot_eject_healthy_backends() {
                     .expect("head");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = s.write_all(bad.as_bytes()).await;
-                let r = read_all(&mut s).await;
+                let r = read_lenient(&mut s).await;
                 assert_eq!(status_of(&r), 400, "round {round}: {r}");
             }
             // A body cut short by the client, which then goes away.
@@ -300,7 +215,7 @@ async fn clients_cannot_eject_healthy_backends() {
             s.write_all(format!("{post}Content-Length: 1000\r\n\r\n0123456789").as_bytes())
                 .await
                 .expect("write");
-            let r = read_all(&mut s).await;
+            let r = read_lenient(&mut s).await;
             assert_eq!(status_of(&r), 408, "round {round}: {r}");
         }
         // A backend that streams its answer while the body still comes (the demo echo):
@@ -315,7 +230,7 @@ async fn clients_cannot_eject_healthy_backends() {
         s.write_all(format!("{post}Content-Length: 1000\r\n\r\n0123456789").as_bytes())
             .await
             .expect("write");
-        let r = read_all(&mut s).await;
+        let r = read_lenient(&mut s).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         let report = backend_report(&echo_server, echo[0].addr()).await;
         assert_eq!(report["failures"], 0, "{report}");
@@ -355,7 +270,7 @@ async fn broken_backend(answer: &'static [u8], hits: Arc<AtomicUsize>) -> Socket
     serve_each(move |mut s| {
         let hits = hits.clone();
         async move {
-            if read_request(&mut s).await.is_some() {
+            if read_head(&mut s).await.is_some() {
                 hits.fetch_add(1, Ordering::Relaxed);
                 let _ = s.write_all(answer).await;
             }
@@ -367,7 +282,7 @@ async fn broken_backend(answer: &'static [u8], hits: Arc<AtomicUsize>) -> Socket
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unasked_switches_and_cut_bodies_count_against_the_backend() {
-    bounded(async {
+    within(LIMIT, async {
         for (what, answer) in [
             (
                 "unasked 101",
@@ -385,7 +300,7 @@ async fn unasked_switches_and_cut_bodies_count_against_the_backend() {
             let good = demo_backends(2).await;
             let hits = Arc::new(AtomicUsize::new(0));
             let bad = broken_backend(answer, hits.clone()).await;
-            let mut addrs: Vec<SocketAddr> = good.iter().map(BackendHandle::addr).collect();
+            let mut addrs: Vec<SocketAddr> = good.iter().map(|b| b.addr()).collect();
             addrs.push(bad);
             let server = start(
                 &addrs,
@@ -428,7 +343,7 @@ async fn echo_head_backend(count: Arc<AtomicUsize>) -> SocketAddr {
     serve_each(move |mut s| {
         let count = count.clone();
         async move {
-            while let Some(head) = read_request(&mut s).await {
+            while let Some(head) = read_head(&mut s).await {
                 count.fetch_add(1, Ordering::Relaxed);
                 let reply = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}",
@@ -445,7 +360,7 @@ async fn echo_head_backend(count: Arc<AtomicUsize>) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_framing_is_strict_and_pipelined_requests_stay_requests() {
-    bounded(async {
+    within(LIMIT, async {
         let count = Arc::new(AtomicUsize::new(0));
         let be = echo_head_backend(count.clone()).await;
         let server = start(&[be], "");
@@ -457,7 +372,7 @@ async fn chunked_framing_is_strict_and_pipelined_requests_stay_requests() {
             "0\r\nX: 1\n\r\n",
             "5\nhello\r\n0\r\n\r\n",
         ] {
-            let r = exchange(
+            let r = exchange_lenient(
                 proxy,
                 format!(
                     "POST /first HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -487,14 +402,14 @@ async fn chunked_framing_is_strict_and_pipelined_requests_stay_requests() {
         let _ = s
             .write_all(format!("5\r\nhello\r\n0\r\n\n{second}").as_bytes())
             .await;
-        let r = read_all(&mut s).await;
+        let r = read_lenient(&mut s).await;
         assert_eq!(status_of(&r), 400, "{r}");
         assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "{r}");
         let report = backend_report(&other, slurp).await;
         assert_eq!(report["failures"], 0, "{report}");
         other.shutdown(Duration::from_secs(2)).await;
         // Well-formed trailers and a pipelined request that follows are both served.
-        let r = exchange(
+        let r = exchange_lenient(
             proxy,
             format!(
                 "POST /first HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -512,12 +427,12 @@ async fn chunked_framing_is_strict_and_pipelined_requests_stay_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_form_targets_set_the_host_and_connection_options_are_bounded() {
-    bounded(async {
+    within(LIMIT, async {
         let count = Arc::new(AtomicUsize::new(0));
         let be = echo_head_backend(count).await;
         let server = start(&[be], "hash_key = \"header:host\"");
         let proxy = server.listen_addrs()[0];
-        let r = exchange(
+        let r = exchange_lenient(
             proxy,
             b"GET http://good.example/abs HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
         )
@@ -533,7 +448,7 @@ async fn absolute_form_targets_set_the_host_and_connection_options_are_bounded()
         for i in 0..120 {
             fields.push_str(&format!("X-F{i}: v\r\n"));
         }
-        let r = exchange(
+        let r = exchange_lenient(
             proxy,
             format!(
                 "GET / HTTP/1.1\r\nHost: t\r\n{fields}Connection: {}\r\n\r\n",
@@ -544,7 +459,7 @@ async fn absolute_form_targets_set_the_host_and_connection_options_are_bounded()
         .await;
         // The head is over 64 KiB as well as over the option bound: refused either way.
         assert!(matches!(status_of(&r), 400 | 431), "{r}");
-        let r = exchange(
+        let r = exchange_lenient(
             proxy,
             format!(
                 "GET / HTTP/1.1\r\nHost: t\r\n{fields}Connection: close, {}\r\n\r\n",
@@ -556,7 +471,7 @@ async fn absolute_form_targets_set_the_host_and_connection_options_are_bounded()
         assert_eq!(status_of(&r), 400, "{r}");
         assert!(r.contains("Connection options"), "{r}");
         // A few options, as real clients send: served, and the named fields stripped.
-        let r = exchange(
+        let r = exchange_lenient(
             proxy,
             b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close, x-a\r\nX-A: 1\r\nX-B: 2\r\n\r\n",
         )
@@ -570,7 +485,7 @@ async fn absolute_form_targets_set_the_host_and_connection_options_are_bounded()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn via_is_opt_in() {
-    bounded(async {
+    within(LIMIT, async {
         let be = echo_head_backend(Arc::new(AtomicUsize::new(0))).await;
         for (extra, via) in [("", false), ("via = true", true)] {
             let server = start(&[be], extra);

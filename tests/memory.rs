@@ -3,27 +3,21 @@
 //! to tens of KiB per connection fails; the benchmark with the exact figure beside NGINX's
 //! is `bench/idle_conns.py`). Bounded in count and time; the child is killed by its PID.
 
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use common::backends::serve_each;
+use common::bounded;
+use common::process::{Serving, lbwasm, serving};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const CONNECTIONS: usize = 10_000;
 /// The bound per connection: well above today's ~2 KiB, well below the 38 KiB of before.
 const BOUND_KIB: u64 = 8;
-
-/// A child process killed (by PID) when dropped.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -36,33 +30,27 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// A backend answering every request on a connection with `ok`.
 async fn backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                loop {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    }
+    serve_each(|mut s| async move {
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        loop {
+            let Ok(n) = s.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                seen.drain(..end + 4);
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// One GET on `s`, answered whole (the answers here are one small segment).
@@ -99,34 +87,22 @@ async fn ten_thousand_idle_keep_alive_connections_cost_little() {
         "open-files hard limit {} is too low for this test",
         limit.rlim_max
     );
-    tokio::time::timeout(Duration::from_secs(120), async {
+    bounded(async {
         let be = backend().await;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lbwasm"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--plugin",
-                "round_robin",
-            ])
-            .args(["--workers", "1", "--no-load-poll", "--backends"])
-            .arg(be.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start lbwasm");
-        let stdout = child.stdout.take().expect("stdout");
-        let child = Reaped(child);
-        let pid = child.0.id();
-        let proxy: SocketAddr = tokio::task::spawn_blocking(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find_map(|l| l.strip_prefix("lbwasm listening on ")?.parse().ok())
-        })
-        .await
-        .expect("join")
-        .expect("lbwasm listening");
+        let mut cmd = lbwasm();
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--plugin",
+            "round_robin",
+        ])
+        .args(["--workers", "1", "--no-load-poll", "--backends"])
+        .arg(be.to_string())
+        .stderr(Stdio::null());
+        let Serving { child, listen, .. } = serving(cmd, 1, false).await;
+        let pid = child.pid();
+        let proxy = listen[0];
 
         // Warm up, so that what the process keeps anyway is in the baseline.
         for _ in 0..50 {
@@ -174,6 +150,5 @@ async fn ten_thousand_idle_keep_alive_connections_cost_little() {
         drop(idle);
         drop(child);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

@@ -2,12 +2,15 @@
 //! measured through wasmtime exactly as the proxy calls it, and the sandbox against hostile
 //! components.
 
+mod common;
+
+use common::plugins::opts;
 use lbwasm::plugin::{
     Fault, PickSource, PluginSource, PoolView, RequestInfo, Runtime, RuntimeConfig, Selector,
     ServerInfo, StaticPool,
 };
+use lbwasm_fixtures::wasm as fixture;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +24,7 @@ fn runtime() -> Runtime {
     // than the default 20 ms, and these tests are about answers, not about the deadline
     // (the sandbox tests still show a loop cut off by it).
     RT.get_or_init(|| {
+        lbwasm::install_builtins();
         Runtime::new(RuntimeConfig {
             call_timeout: Duration::from_millis(300),
             ..RuntimeConfig::default()
@@ -30,22 +34,11 @@ fn runtime() -> Runtime {
     .clone()
 }
 
-fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn selector(name: &str, options: &[(&str, &str)]) -> Selector {
     let plugin = runtime()
         .load(&PluginSource::Builtin(name.into()), &opts(options))
         .expect("load plugin");
     plugin.selector().expect("instance")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("LBWASM_WASM_DIR")).join(format!("{name}.wasm"))
 }
 
 /// One pick, which must come from the plugin (not the fallback).

@@ -4,40 +4,26 @@
 //! the real runtime and the hostile fixture, and through the `lbwasm` binary over sockets on
 //! 127.0.0.1 (its `/metrics` and its log).
 
-use std::future::Future;
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use lbwasm::backend::{self, BackendConfig, BackendHandle};
+use common::backends::demo_backends;
+use common::bounded;
+use common::config::{self as cfg, addrs, with_admin};
+use common::http::{exchange, get_request, status_of};
+use common::plugins::opts;
+use common::process::{Reaped, Serving, lbwasm, serving};
+use lbwasm::backend::BackendHandle;
 use lbwasm::plugin::{
     Fault, PickSource, PluginSource, RequestInfo, Runtime, RuntimeConfig, ServerInfo, StaticPool,
 };
+use lbwasm_fixtures::wasm as fixture;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-
-/// Only there to turn a hang into a failure.
-const LIMIT: Duration = Duration::from_secs(120);
-
-async fn bounded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(LIMIT, test)
-        .await
-        .expect("test timed out");
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("LBWASM_WASM_DIR")).join(format!("{name}.wasm"))
-}
-
-fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// A deadline generous enough that a thread descheduled on a loaded 2-core machine is not
 /// taken for a slow plugin: these tests are about answers, not about the deadline.
@@ -252,6 +238,7 @@ fn the_cache_directory_is_created_private_and_checked() {
 
 /// Fills `donor` with round robin's compiled artifact and copies it over `target`.
 fn hostile_and_round_robin_artifacts(donor: &Path, target: &Path) {
+    lbwasm::install_builtins();
     let rt = cached_runtime(donor);
     rt.load(&PluginSource::Builtin("round_robin".into()), &[])
         .expect("round robin");
@@ -297,16 +284,6 @@ fn planted_or_corrupted_artifacts_are_cache_misses() {
 
 // ---- through the binary ----------------------------------------------------------------
 
-/// A child process killed (by PID) when dropped.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A running `lbwasm serve --config`, its log going to a file.
 struct Proxy {
     _child: Reaped,
@@ -322,47 +299,22 @@ impl Proxy {
         let file = dir.path().join("lbwasm.toml");
         std::fs::write(&file, config).expect("config");
         let log = dir.path().join("stderr.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lbwasm"))
-            .arg("serve")
+        let mut cmd = lbwasm();
+        cmd.arg("serve")
             .arg("--config")
             .arg(&file)
             .env("LBWASM_CACHE_DIR", dir.path().join("cache"))
             .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start lbwasm");
-        let stdout = child.stdout.take().expect("stdout");
-        let child = Reaped(child);
-        let lines: Vec<String> = tokio::task::spawn_blocking(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| {
-                    l.starts_with("lbwasm listening on ") || l.starts_with("lbwasm admin on ")
-                })
-                .take(listeners + 1)
-                .collect()
-        })
-        .await
-        .expect("join");
-        let addr = |prefix: &str| -> Vec<SocketAddr> {
-            lines
-                .iter()
-                .filter_map(|l| l.strip_prefix(prefix)?.parse().ok())
-                .collect()
-        };
-        let admin = addr("lbwasm admin on ");
-        let listening = addr("lbwasm listening on ");
-        assert!(
-            admin.len() == 1 && listening.len() == listeners,
-            "lbwasm did not start: {lines:?}\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let Serving {
+            child,
+            listen,
+            admin,
+        } = serving(cmd, listeners, true).await;
         Proxy {
             _child: child,
-            listeners: listening,
-            admin: admin[0],
+            listeners: listen,
+            admin: admin.expect("admin address"),
             log,
             _dir: dir,
         }
@@ -373,26 +325,17 @@ impl Proxy {
     }
 
     async fn metrics(&self) -> String {
-        let (status, body) = exchange(self.admin, "/metrics").await;
+        let (status, body) = get(self.admin, "/metrics").await;
         assert_eq!(status, 200, "{body}");
         body
     }
 }
 
-/// One GET on a fresh connection (so the kernel spreads them over the workers): status, body.
-async fn exchange(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    (status, text)
+/// One GET on a fresh connection (so the kernel spreads them over the workers): status, and
+/// the whole reply.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let text = exchange(addr, get_request(addr, path).as_bytes()).await;
+    (status_of(&text), text)
 }
 
 /// The value of `name{...listener="L"...}` (first match), 0 when absent.
@@ -404,48 +347,30 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn spawn_backends(n: usize) -> Vec<BackendHandle> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(
-            backend::spawn(BackendConfig::new(0))
-                .await
-                .expect("backend"),
-        );
-    }
-    v
-}
-
+/// A listener of the hostile fixture over `bs`; `extra`: its other lines and tables.
 fn listener(name: &str, bs: &[BackendHandle], extra: &str) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nplugin = \"{}\"\n{extra}\n",
-        fixture("hostile").display()
-    );
-    for b in bs {
-        s.push_str(&format!(
-            "[[listener.backend]]\naddress = \"{}\"\n",
-            b.addr()
-        ));
-    }
-    s
+    let hostile = fixture("hostile");
+    let plugin = hostile.to_str().expect("utf-8 path");
+    cfg::listener(name, plugin, &addrs(bs), extra, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_an_instance_serves_with_the_fallback() {
     bounded(async {
-        let bs = spawn_backends(2).await;
-        let config = format!(
-            "workers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-            listener(
+        let bs = demo_backends(2).await;
+        let config = with_admin(
+            2,
+            &listener(
                 "web",
                 &bs,
-                "[listener.plugin_options]\nmode = \"fail_configure\"\ninstances_ok = 1\n"
-            )
+                "[listener.plugin_options]\nmode = \"fail_configure\"\ninstances_ok = 1\n",
+            ),
+            None,
         );
         let proxy = Proxy::start(&config, 1).await;
         // Fresh connections land on both workers; one of them has no instance.
         for i in 0..40 {
-            let (status, text) = exchange(proxy.listeners[0], &format!("/r{i}")).await;
+            let (status, text) = get(proxy.listeners[0], &format!("/r{i}")).await;
             assert_eq!(status, 200, "request {i}: {text}");
         }
         let m = proxy.metrics().await;
@@ -472,14 +397,15 @@ async fn a_worker_without_an_instance_serves_with_the_fallback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_answering_none_with_healthy_backends_does_not_fail_requests() {
     bounded(async {
-        let bs = spawn_backends(2).await;
-        let config = format!(
-            "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-            listener("web", &bs, "[listener.plugin_options]\nmode = \"none\"\n")
+        let bs = demo_backends(2).await;
+        let config = with_admin(
+            1,
+            &listener("web", &bs, "[listener.plugin_options]\nmode = \"none\"\n"),
+            None,
         );
         let proxy = Proxy::start(&config, 1).await;
         for i in 0..20 {
-            let (status, text) = exchange(proxy.listeners[0], &format!("/r{i}")).await;
+            let (status, text) = get(proxy.listeners[0], &format!("/r{i}")).await;
             assert_eq!(status, 200, "request {i}: {text}");
         }
         let m = proxy.metrics().await;
@@ -507,30 +433,34 @@ async fn a_plugin_answering_none_with_healthy_backends_does_not_fail_requests() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_plugin_is_measured_warned_of_and_bounded_per_listener() {
     bounded(async {
-        let bs = spawn_backends(2).await;
+        let bs = demo_backends(2).await;
         let slow = "[listener.plugin_options]\nmode = \"slow\"\nslow_ms = 30\n";
-        let config = format!(
-            "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
-            listener(
-                "patient",
-                &bs,
-                &format!(
-                    "[listener.timeouts]\nplugin = \"500ms\"\nplugin_budget = \"5ms\"\n{slow}"
-                )
-            ),
-            listener(
-                "strict",
-                &bs,
-                &format!("[listener.timeouts]\nplugin = \"5ms\"\n{slow}")
-            ),
+        let config = with_admin(
+            1,
+            &[
+                listener(
+                    "patient",
+                    &bs,
+                    &format!(
+                        "[listener.timeouts]\nplugin = \"500ms\"\nplugin_budget = \"5ms\"\n{slow}"
+                    ),
+                ),
+                listener(
+                    "strict",
+                    &bs,
+                    &format!("[listener.timeouts]\nplugin = \"5ms\"\n{slow}"),
+                ),
+            ]
+            .concat(),
+            None,
         );
         let proxy = Proxy::start(&config, 2).await;
         for i in 0..50 {
-            let (status, text) = exchange(proxy.listeners[0], &format!("/r{i}")).await;
+            let (status, text) = get(proxy.listeners[0], &format!("/r{i}")).await;
             assert_eq!(status, 200, "request {i}: {text}");
         }
         for i in 0..5 {
-            let (status, text) = exchange(proxy.listeners[1], &format!("/r{i}")).await;
+            let (status, text) = get(proxy.listeners[1], &format!("/r{i}")).await;
             assert_eq!(status, 200, "request {i}: {text}");
         }
         let m = proxy.metrics().await;
@@ -578,14 +508,15 @@ async fn a_slow_plugin_is_measured_warned_of_and_bounded_per_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_carries_a_description_once() {
     bounded(async {
-        let bs = spawn_backends(1).await;
-        let config = format!(
-            "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-            listener(
+        let bs = demo_backends(1).await;
+        let config = with_admin(
+            1,
+            &listener(
                 "web",
                 &bs,
-                "[listener.plugin_options]\nmode = \"ok\"\ndescribe_bytes = 1000\n"
-            )
+                "[listener.plugin_options]\nmode = \"ok\"\ndescribe_bytes = 1000\n",
+            ),
+            None,
         );
         let proxy = Proxy::start(&config, 1).await;
         let mut s = TcpStream::connect(proxy.admin).await.expect("connect");

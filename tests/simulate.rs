@@ -4,10 +4,14 @@
 //! results, not a timing threshold), and the real binary. The tests of this file run one at
 //! a time (they share two cores), each bounded by a timeout.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::process::lbwasm;
+use common::within;
 use lbwasm::simulate::{Experiment, Report, SimulateOptions, simulate};
 
 /// Generous bound, only there to turn a hang into a failure (the quick suite aims at 20 s).
@@ -25,9 +29,9 @@ fn options(dir: &Path, seed: u64) -> SimulateOptions {
 }
 
 async fn bounded_simulate(opts: SimulateOptions) -> Report {
-    tokio::time::timeout(LIMIT, simulate(opts))
+    lbwasm::install_builtins();
+    within(LIMIT, simulate(opts))
         .await
-        .expect("simulate timed out")
         .expect("simulate failed")
 }
 
@@ -198,7 +202,7 @@ fn the_binary_runs_one_experiment() {
     // Files, not pipes: nobody reads a pipe while we wait, so a chatty child could block.
     let stdout_path = dir.path().join("stdout.txt");
     let stderr_path = dir.path().join("stderr.txt");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lbwasm"))
+    let mut child = lbwasm()
         .args([
             "simulate",
             "--quick",

@@ -1,8 +1,8 @@
 //! Command-line interface: the clap definitions and the dispatch to each command's module.
 
-use crate::plugin::{self, PluginSource, Runtime, RuntimeConfig};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use lbwasm_plugin_host::{self as plugin, PluginSource, Runtime, RuntimeConfig};
 use std::process::ExitCode;
 
 /// lbwasm: a load balancer whose balancing algorithms are sandboxed WebAssembly components.
@@ -21,14 +21,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy: listeners, backends and the plugin that balances them.
-    Serve(crate::config::ServeArgs),
+    Serve(lbwasm_proxy::config::ServeArgs),
     /// Run demo backend servers that report their real CPU, memory and connection load.
-    Backend(crate::backend::BackendArgs),
+    Backend(lbwasm_sim::backend::BackendArgs),
     /// List the built-in plugins, inspect a component file, or export a built-in to a file.
     Plugins(PluginsArgs),
     /// Run backends, the proxy and simulated clients in one process, compare the plugins
     /// in a suite of experiments, and write a report (HTML, charts, JSON, CSV).
-    Simulate(crate::simulate::SimulateArgs),
+    Simulate(lbwasm_sim::simulate::SimulateArgs),
 }
 
 /// `lbwasm plugins [inspect FILE | export NAME [-o FILE]]`.
@@ -86,18 +86,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(crate::serve::run(args))?;
+            rt.block_on(lbwasm_proxy::serve::run(
+                args,
+                std::sync::Arc::new(lbwasm_admin::Admin),
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Backend(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(crate::backend::run(args))?;
+            rt.block_on(lbwasm_sim::backend::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => {
-            crate::simulate::run_blocking(args, cli.log_level.is_some())?;
+            lbwasm_sim::simulate::run_blocking(args, cli.log_level.is_some())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins(PluginsArgs { action: None }) => list_plugins(),
@@ -163,7 +166,7 @@ fn inspect_plugin(file: &str) -> Result<ExitCode> {
             ),
         },
         PluginSource::File(p) => {
-            if let Some(hint) = crate::serve::missing_builtin_hint(&p) {
+            if let Some(hint) = lbwasm_proxy::serve::missing_builtin_hint(&p) {
                 anyhow::bail!(hint);
             }
             let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;

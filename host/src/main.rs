@@ -8,6 +8,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    lbwasm::install_builtins();
     let cli = lbwasm::cli::Cli::parse();
     // The simulator draws progress bars; the proxy it runs would scroll info logs over them.
     let default_level = match (&cli.command, std::env::var_os("RUST_LOG")) {

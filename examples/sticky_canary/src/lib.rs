@@ -48,10 +48,7 @@ impl Plugin for StickyCanary {
             .ok_or("option `canary` is required: the `host:port` of the canary server")?;
         // The pool is not known yet, so whether the canary is in it is decided in `set_servers`.
         let percent = options.number("percent", 10u64, 0, 100)?;
-        let key = match options.string("key") {
-            Some(s) => KeySource::parse(&s)?,
-            None => KeySource::Header("x-user".into()),
-        };
+        let key = KeySource::option(options, KeySource::Header("x-user".into()))?;
         Ok(StickyCanary {
             canary_address,
             percent,

@@ -10,9 +10,10 @@
 //!
 //! * **modern** (`hash = xxh3 | fnv1a`), ketama style: point n of a server is
 //!   `hash(address + "#" + n)` on a sorted ring of u64; a key is found by binary search.
-//!   FNV-1a is followed by the SplitMix64 finaliser here: alone it hardly changes its high
-//!   bits when only the last bytes differ (`…#17`, `…#18`), which is what orders a ring, so a
-//!   server's points would bunch together (measured: 7110 of 10,000 keys on one of 3 servers).
+//!   Points and keys are hashed with `HashFn::ordered`: FNV-1a is followed by the SplitMix64
+//!   finaliser, as alone it hardly changes its high bits when only the last bytes differ
+//!   (`…#17`, `…#18`), which is what orders a ring, so a server's points would bunch together
+//!   (measured: 7110 of 10,000 keys on one of 3 servers).
 //! * **classic** (`hash = classic`), the seed project's scheme: a ring of `slots` slots;
 //!   virtual node j of server i sits at Φ(i, j) = i² + j² + 2j + 25 mod slots (linear probing
 //!   to the next free slot on a collision, nodes placed j by j so collisions are shared), and a
@@ -30,6 +31,10 @@
 //! step would move keys back and forth. On a retry (`attempt() = n > 0`) the walk skips the
 //! first n distinct eligible servers, so a retry goes elsewhere but still somewhere stable.
 //!
+//! The ring itself (the walk, the ketama and slot layouts, the cap on points) and the
+//! membership check are the SDK's `ring` and `members` modules: this crate chooses the layout
+//! and where keys land.
+//!
 //! # Options
 //!
 //! | option | default | meaning |
@@ -39,27 +44,18 @@
 //! | `slots` | 512 | classic only: ring size, 8..=1048576 |
 //! | `key` | `auto` | `auto`, `header:NAME`, `cookie:NAME`, `path` or `client-ip` |
 
-use std::fmt::Write as _;
-
-use lbwasm_plugin::hash::{HashFn, fnv1a, splitmix64};
+use lbwasm_plugin::hash::{HashFn, fnv1a};
+use lbwasm_plugin::members::{Member, Members};
+use lbwasm_plugin::ring::Ring;
 use lbwasm_plugin::{Host, KeySource, Options, Plugin, Pool};
-
-/// Ring points beyond which virtual nodes are scaled down, so a huge weight cannot exhaust
-/// the sandbox's memory (16 bytes a point: 16 MiB).
-const MAX_POINTS: u64 = 1 << 20;
 
 /// Where points and keys go on the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Layout {
+    /// Ketama with this hash.
     Modern(HashFn),
-    Classic { slots: u64 },
-}
-
-/// A server as the ring knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Member {
-    address: String,
-    weight: u32,
+    /// The seed project's ring of this many slots.
+    Classic(u64),
 }
 
 /// The consistent-hash algorithm.
@@ -67,130 +63,36 @@ pub struct ConsistentHash {
     layout: Layout,
     vnodes: u32,
     key: KeySource,
-    /// Ring members sorted by (address, weight); the ring refers to them by position.
-    members: Vec<Member>,
-    /// (position, member) sorted by position.
-    ring: Vec<(u64, u32)>,
-    /// Per member: its pool index when eligible. Refreshed on every `set_servers` (cheap),
-    /// unlike the ring.
-    eligible: Vec<Option<u32>>,
-    /// Ring builds so far (tests check that load reports do not rebuild).
-    builds: u64,
-}
-
-/// A modern ring position; see the module doc for why FNV-1a gets a finaliser.
-fn ring_hash(hash: HashFn, bytes: &[u8]) -> u64 {
-    match hash {
-        HashFn::Xxh3 => hash.hash(bytes),
-        HashFn::Fnv1a => splitmix64(fnv1a(bytes)),
-    }
+    /// Every server, healthy or not, with its configured weight.
+    members: Members,
+    ring: Ring,
 }
 
 impl ConsistentHash {
     /// Ring position of a request key.
     fn position(&self, key: &str) -> u64 {
         match self.layout {
-            Layout::Modern(hash) => ring_hash(hash, key.as_bytes()),
-            Layout::Classic { slots } => {
+            Layout::Modern(hash) => hash.ordered(key.as_bytes()),
+            Layout::Classic(slots) => {
                 let k = (fnv1a(key.as_bytes()) & 0xffff_ffff) % slots;
                 (k * k + 2 * k + 17) % slots
             }
         }
     }
 
-    /// The `skip`-th distinct eligible server clockwise from `position`, as a pool index.
-    fn lookup(&self, position: u64, skip: usize) -> Option<u32> {
-        let len = self.ring.len();
-        let start = self.ring.partition_point(|&(p, _)| p < position);
-        let mut seen: Vec<u32> = Vec::new();
-        for k in 0..len {
-            let (_, m) = self.ring[(start + k) % len];
-            let Some(index) = self.eligible.get(m as usize).copied().flatten() else {
-                continue;
-            };
-            if seen.contains(&m) {
-                continue;
-            }
-            if seen.len() == skip {
-                return Some(index);
-            }
-            seen.push(m);
-        }
-        // Fewer distinct servers on the ring than `skip + 1`: keep cycling through them.
-        let m = *seen.get(skip % seen.len().max(1))?;
-        self.eligible.get(m as usize).copied().flatten()
-    }
-
-    fn build(&mut self) {
-        self.builds += 1;
-        self.ring = match self.layout {
-            Layout::Modern(hash) => self.build_modern(hash),
-            Layout::Classic { slots } => self.build_classic(slots),
-        };
-        self.ring.sort_unstable();
-    }
-
-    /// Points per member, scaled down only if the total would exceed [`MAX_POINTS`].
-    fn points(&self) -> Vec<u64> {
-        let wanted: Vec<u64> = self
-            .members
-            .iter()
-            .map(|m| m.weight as u64 * self.vnodes as u64)
-            .collect();
-        let total: u64 = wanted.iter().sum();
-        if total <= MAX_POINTS {
-            return wanted;
-        }
-        wanted
-            .iter()
-            .map(|&p| (p * MAX_POINTS / total).max(1))
-            .collect()
-    }
-
-    fn build_modern(&self, hash: HashFn) -> Vec<(u64, u32)> {
-        let points = self.points();
-        let mut ring = Vec::with_capacity(points.iter().sum::<u64>() as usize);
-        let mut name = String::new();
-        for (m, (member, &count)) in self.members.iter().zip(&points).enumerate() {
-            for n in 0..count {
-                name.clear();
-                let _ = write!(name, "{}#{n}", member.address);
-                ring.push((ring_hash(hash, name.as_bytes()), m as u32));
+    fn build(&self) -> Ring {
+        let (members, vnodes) = (self.members.list(), self.vnodes);
+        match self.layout {
+            Layout::Modern(hash) => Ring::ketama(members, vnodes, |b| hash.ordered(b)),
+            Layout::Classic(slots) => {
+                let number = |m: &Member| (fnv1a(m.address.as_bytes()) & 0xffff) % slots;
+                let numbers: Vec<u64> = members.iter().map(number).collect();
+                Ring::slots(members, vnodes, slots, |m, j| {
+                    let (i, j) = (numbers[m as usize], j % slots);
+                    (i * i + j * j + 2 * j + 25) % slots
+                })
             }
         }
-        ring
-    }
-
-    fn build_classic(&self, slots: u64) -> Vec<(u64, u32)> {
-        let points = self.points();
-        let numbers: Vec<u64> = self
-            .members
-            .iter()
-            .map(|m| fnv1a(m.address.as_bytes()) & 0xffff)
-            .collect();
-        let mut taken = vec![false; slots as usize];
-        let mut ring = Vec::new();
-        let rounds = points.iter().copied().max().unwrap_or(0);
-        // Node j of every server before node j + 1 of any: a full ring then drops the highest
-        // nodes of the heaviest servers, not whole servers.
-        for j in 0..rounds {
-            for (m, &i) in numbers.iter().enumerate() {
-                if j >= points[m] {
-                    continue;
-                }
-                if ring.len() as u64 == slots {
-                    return ring;
-                }
-                let (i, j) = (i % slots, j % slots);
-                let mut slot = (i * i + j * j + 2 * j + 25) % slots;
-                while taken[slot as usize] {
-                    slot = (slot + 1) % slots;
-                }
-                taken[slot as usize] = true;
-                ring.push((slot, m as u32));
-            }
-        }
-        ring
     }
 }
 
@@ -200,73 +102,41 @@ impl Plugin for ConsistentHash {
 
     fn configure(o: &mut Options) -> Result<Self, String> {
         let layout = match o.choice("hash", "xxh3", &["xxh3", "fnv1a", "classic"])? {
-            "classic" => Layout::Classic {
-                slots: o.number("slots", 512, 8, 1 << 20)?,
-            },
+            "classic" => Layout::Classic(o.number("slots", 512, 8, 1 << 20)?),
             name => Layout::Modern(HashFn::from_name(name).unwrap_or(HashFn::Xxh3)),
         };
         let vnodes = match layout {
             Layout::Modern(_) => o.number("vnodes", 160, 1, 10_000)?,
-            Layout::Classic { slots } => {
-                let max = slots.min(10_000) as u32;
-                o.number("vnodes", 9, 1, max)?
-            }
+            Layout::Classic(slots) => o.number("vnodes", 9, 1, slots.min(10_000) as u32)?,
         };
         if matches!(layout, Layout::Modern(_)) && o.string("slots").is_some() {
             return Err("option `slots`: only used with `hash = classic`".to_string());
         }
-        let key = KeySource::parse(&o.string("key").unwrap_or_else(|| "auto".to_string()))?;
         Ok(ConsistentHash {
             layout,
             vnodes,
-            key,
-            members: Vec::new(),
-            ring: Vec::new(),
-            eligible: Vec::new(),
-            builds: 0,
+            key: KeySource::option(o, KeySource::Auto)?,
+            members: Members::default(),
+            ring: Ring::default(),
         })
     }
 
     fn set_servers(&mut self, pool: &Pool) {
-        let mut current: Vec<(&str, u32, u32, bool)> = pool
-            .servers
-            .iter()
-            .zip(0u32..)
-            .map(|(s, i)| (s.address.as_str(), s.weight, i, s.healthy))
-            .collect();
-        current.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let same = current.len() == self.members.len()
-            && current
-                .iter()
-                .zip(&self.members)
-                .all(|(c, m)| c.0 == m.address && c.1 == m.weight);
-        if !same {
-            self.members = current
-                .iter()
-                .map(|c| Member {
-                    address: c.0.to_string(),
-                    weight: c.1,
-                })
-                .collect();
-            self.build();
+        // Configured weights, not slow start: a warming server changing its point count on
+        // every step would move keys back and forth.
+        if self.members.update_all(pool) {
+            self.ring = self.build();
         }
-        self.eligible = current.iter().map(|c| c.3.then_some(c.2)).collect();
     }
 
     fn choose(&mut self, pool: &Pool, host: &dyn Host) -> Option<u32> {
-        let eligible = pool.eligible();
-        if eligible.is_empty() {
-            return None;
-        }
+        // No eligible server: none (a remainder by 0).
+        let skip = (host.attempt() as usize).checked_rem(pool.eligible().len())?;
         let position = self.position(&self.key.key(host));
-        let skip = host.attempt() as usize % eligible.len();
         // The fallback only matters if the ring lost every point of the eligible servers (a
         // full classic ring): still answer, as the contract wants.
-        self.lookup(position, skip).or_else(|| {
-            eligible
-                .get((position % eligible.len() as u64) as usize)
-                .copied()
-        })
+        let found = self.ring.lookup(position, skip, &self.members);
+        found.or(pool.eligible_by_hash(position))
     }
 }
 
@@ -276,35 +146,21 @@ lbwasm_plugin::export_plugin!(ConsistentHash);
 mod tests {
     use super::*;
     use lbwasm_plugin::Server;
-    use lbwasm_plugin::testing::MockHost;
+    use lbwasm_plugin::testing::{self, MockHost};
 
     const KEYS: usize = 10_000;
 
     fn plugin(pairs: &[(&str, &str)]) -> ConsistentHash {
-        let mut o = Options::from_pairs(pairs);
-        let p = ConsistentHash::configure(&mut o).unwrap();
-        o.finish().unwrap();
-        p
+        testing::configure(pairs)
     }
 
-    fn servers(n: u32) -> Vec<Server> {
-        (0..n)
-            .map(|i| Server::new(i, format!("10.0.0.{}:8080", i + 1)))
-            .collect()
+    fn servers(n: usize) -> Vec<Server> {
+        testing::servers(&vec![1; n])
     }
 
     /// The address each of `KEYS` keys maps to (addresses, since indices change with the pool).
     fn map(p: &mut ConsistentHash, pool: &Pool, attempt: u32) -> Vec<Option<String>> {
-        p.set_servers(pool);
-        let host = MockHost::new(pool.servers.len());
-        host.attempt.set(attempt);
-        (0..KEYS)
-            .map(|k| {
-                *host.hash_key.borrow_mut() = Some(format!("user-{k}"));
-                p.choose(pool, &host)
-                    .map(|i| pool.server(i).address.clone())
-            })
-            .collect()
+        testing::key_map(p, pool, attempt, KEYS)
     }
 
     fn shares(mapping: &[Option<String>], pool: &Pool) -> Vec<usize> {
@@ -375,7 +231,11 @@ mod tests {
             assert!(b == d || b == &down);
         }
         assert_eq!(before, map(&mut p, &Pool::new(servers(3)), 0));
-        assert_eq!(p.builds, 1, "health changes must not rebuild the ring");
+        assert_eq!(
+            p.members.changes(),
+            1,
+            "health changes must not rebuild the ring"
+        );
         let all_down: Vec<Server> = servers(3).into_iter().map(Server::down).collect();
         assert!(
             map(&mut p, &Pool::new(all_down), 0)
@@ -405,10 +265,10 @@ mod tests {
         s[0].cpu_percent = Some(50.0);
         s[0].load_sample = 1;
         p.set_servers(&Pool::new(s.clone()));
-        assert_eq!(p.builds, 1);
+        assert_eq!(p.members.changes(), 1);
         s[0] = s[0].clone().with_weight(2);
         p.set_servers(&Pool::new(s));
-        assert_eq!(p.builds, 2);
+        assert_eq!(p.members.changes(), 2);
     }
 
     #[test]
@@ -417,15 +277,16 @@ mod tests {
         let pool = Pool::new(servers(3));
         let first = map(&mut p, &pool, 0);
         assert_eq!(first, map(&mut p, &pool, 0));
-        assert_eq!(p.ring.len(), 27);
+        assert_eq!(p.ring.points().len(), 27);
         // The first node placed cannot collide, so it sits exactly at Φ(i, 0) = i² + 25.
         let i = fnv1a(b"10.0.0.1:8080") & 0xffff;
         let m = p
             .members
+            .list()
             .iter()
             .position(|m| m.address == "10.0.0.1:8080")
             .unwrap() as u32;
-        assert!(p.ring.contains(&((i * i + 25) % 512, m)));
+        assert!(p.ring.points().contains(&((i * i + 25) % 512, m)));
         assert_eq!(p.position("x"), {
             let k = (fnv1a(b"x") & 0xffff_ffff) % 512;
             (k * k + 2 * k + 17) % 512
@@ -452,4 +313,45 @@ mod tests {
             assert!(e.contains(&named), "{pairs:?}: {e}");
         }
     }
+
+    /// Key → pool index for a fixed pool, pinned before the issue-13 refactor: the ring layout
+    /// and the key hashing must never move a key. Pool: four servers, weights 1, 1, 3, 1, the
+    /// second one down; digits are the picks for keys `user-0`…`user-15`.
+    #[test]
+    fn pinned_key_to_index_answers() {
+        let mut s = servers(4);
+        s[1] = s[1].clone().down();
+        s[2] = s[2].clone().with_weight(3);
+        let pool = Pool::new(s);
+        for (pairs, attempt, want) in PINNED {
+            let mut p = plugin(pairs);
+            p.set_servers(&pool);
+            let host = MockHost::new(4);
+            host.attempt.set(*attempt);
+            let got: String = (0..16)
+                .map(|k| {
+                    *host.hash_key.borrow_mut() = Some(format!("user-{k}"));
+                    char::from(b'0' + p.choose(&pool, &host).unwrap() as u8)
+                })
+                .collect();
+            assert_eq!(&got, want, "{pairs:?} attempt {attempt}");
+        }
+    }
+
+    /// Options, retry attempt, and the picks for keys `user-0`…`user-15`.
+    type Pinned = (&'static [(&'static str, &'static str)], u32, &'static str);
+
+    const PINNED: &[Pinned] = &[
+        (&[], 0, "2023202222222222"),
+        (&[], 1, "0330323033003033"),
+        (&[("hash", "fnv1a")], 0, "2222222023200300"),
+        (&[("hash", "fnv1a"), ("vnodes", "7")], 2, "0333323300330230"),
+        (&[("hash", "classic")], 0, "2222222202222222"),
+        (&[("hash", "classic")], 1, "0330000030000030"),
+        (
+            &[("hash", "classic"), ("slots", "64"), ("vnodes", "20")],
+            0,
+            "3203000332333300",
+        ),
+    ];
 }

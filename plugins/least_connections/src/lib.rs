@@ -17,7 +17,7 @@
 //!
 //! None.
 
-use lbwasm_plugin::select::least_by_key;
+use lbwasm_plugin::select::least_with_room;
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The least-connections algorithm. Takes no options.
@@ -37,18 +37,9 @@ impl Plugin for LeastConnections {
         if pool.eligible().is_empty() {
             return None;
         }
-        let in_flight = host.in_flight();
         let rotation = self.rotation;
         self.rotation = self.rotation.wrapping_add(1);
-        let load = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
-        if pool.has_limits() {
-            least_by_key(pool, rotation, |i| {
-                let n = load(i);
-                pool.has_room(i, n).then_some(n)
-            })
-        } else {
-            least_by_key(pool, rotation, |i| Some(load(i)))
-        }
+        least_with_room(pool, &host.in_flight(), rotation, |_, n| n)
     }
 }
 
@@ -57,18 +48,15 @@ lbwasm_plugin::export_plugin!(LeastConnections);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lbwasm_plugin::{Server, testing::MockHost};
+    use lbwasm_plugin::Server;
+    use lbwasm_plugin::testing::{self, MockHost};
 
-    fn pool(n: u32) -> Pool {
-        Pool::new(
-            (0..n)
-                .map(|i| Server::new(i, format!("10.0.0.{i}:80")))
-                .collect(),
-        )
+    fn pool(n: usize) -> Pool {
+        testing::pool(&vec![1; n])
     }
 
     fn plugin() -> LeastConnections {
-        LeastConnections::configure(&mut Options::default()).unwrap()
+        testing::configure(&[])
     }
 
     #[test]

@@ -22,18 +22,11 @@
 //! Reports arrive once a second, so the last value always lags. Per server (keyed by its
 //! stable id) CPU and memory each go through Holt's linear (double exponential) smoothing,
 //! updated exactly once per new report, i.e. when `load_sample` grows (`set_servers` also runs
-//! on health and membership changes, which must not count as samples):
-//!
-//! ```text
-//! level  = alpha·x + (1 − alpha)·(level + trend)
-//! trend  = beta·(level − previous level) + (1 − beta)·trend
-//! score with  level + trend·horizon   (clamped to 0..=100)
-//! ```
-//!
-//! initialised as in the textbook (level = first sample, trend = second − first). A server
-//! whose load climbs is therefore avoided before its reported load overtakes the others'.
-//! Source: C. C. Holt, "Forecasting seasonals and trends by exponentially weighted moving
-//! averages" (1957); NIST/SEMATECH e-Handbook of Statistical Methods, §6.4.3.3.
+//! on health and membership changes, which must not count as samples), and the score uses
+//! the forecast `horizon` reports ahead, `level + trend·horizon` (clamped to 0..=100). A
+//! server whose load climbs is therefore avoided before its reported load overtakes the
+//! others'. The smoothing and its bookkeeping are the SDK's `forecast` module (formulas and
+//! sources there).
 //!
 //! # Options
 //!
@@ -49,8 +42,8 @@
 //!
 //! At least one of the three weights must be above 0.
 
-use std::collections::BTreeMap;
-
+use lbwasm_plugin::forecast::{LoadTrends, Smoothing};
+use lbwasm_plugin::select::min_by_score;
 use lbwasm_plugin::{Host, Options, Plugin, Pool, Server};
 
 /// The least-loaded algorithm with Holt load forecasting.
@@ -58,141 +51,14 @@ pub struct LeastLoaded {
     cpu_weight: f64,
     memory_weight: f64,
     connections_weight: f64,
-    predict: bool,
-    alpha: f64,
-    beta: f64,
-    horizon: f64,
-    /// Forecast state per server id; ids are never reused, so an entry cannot be inherited.
-    models: BTreeMap<u32, Model>,
-    /// Per pool index: weighted sum and total weight of the reported terms. Reports change only
-    /// in `set_servers`, so `choose` adds just the live in-flight term.
-    reported: Vec<Reported>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Reported {
-    sum: f64,
-    weight: f64,
-}
-
-/// One server's forecast state.
-#[derive(Clone, Debug, Default)]
-struct Model {
-    /// `load_sample` of the last report taken.
-    sample: u64,
-    cpu: Holt,
-    memory: Holt,
-}
-
-/// Holt's linear smoothing of one figure.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Holt {
-    level: f64,
-    trend: f64,
-    /// Samples taken, saturating at 2 (after which the textbook initialisation is done).
-    seen: u8,
-}
-
-impl Holt {
-    fn update(&mut self, x: f64, alpha: f64, beta: f64) {
-        match self.seen {
-            0 => {
-                self.level = x;
-                self.trend = 0.0;
-                self.seen = 1;
-            }
-            1 => {
-                self.trend = x - self.level;
-                self.level = x;
-                self.seen = 2;
-            }
-            _ => {
-                let previous = self.level;
-                self.level = alpha * x + (1.0 - alpha) * (self.level + self.trend);
-                self.trend = beta * (self.level - previous) + (1.0 - beta) * self.trend;
-            }
-        }
-    }
-
-    fn forecast(&self, horizon: f64) -> Option<f64> {
-        (self.seen > 0).then(|| (self.level + self.trend * horizon).clamp(0.0, 100.0))
-    }
-}
-
-/// A reported percentage, or `None` when absent or not a number.
-fn percent(v: Option<f32>) -> Option<f64> {
-    v.filter(|v| v.is_finite())
-        .map(|v| (v as f64).clamp(0.0, 100.0))
-}
-
-/// `Options::number` lets `NaN` through for floats (it compares false with both bounds).
-fn real(
-    o: &mut Options,
-    key: &'static str,
-    default: f64,
-    min: f64,
-    max: f64,
-) -> Result<f64, String> {
-    let v = o.number(key, default, min, max)?;
-    if v.is_nan() {
-        return Err(format!(
-            "option `{key}`: expected a number from {min} to {max}, got NaN"
-        ));
-    }
-    Ok(v)
-}
-
-impl LeastLoaded {
-    /// Takes a new report into the server's model, once per `load_sample`.
-    fn observe(&self, model: &mut Model, s: &Server) {
-        if s.load_sample < model.sample {
-            // A counter going back means the host restarted its count: start over.
-            *model = Model::default();
-        }
-        if s.load_sample == 0 || s.load_sample == model.sample {
-            return;
-        }
-        model.sample = s.load_sample;
-        if let Some(cpu) = percent(s.cpu_percent) {
-            model.cpu.update(cpu, self.alpha, self.beta);
-        }
-        if let Some(memory) = percent(s.memory_percent) {
-            model.memory.update(memory, self.alpha, self.beta);
-        }
-    }
-
-    /// The reported terms of one server: forecast or last value, only for figures it reports.
-    fn reported_terms(&self, model: &Model, s: &Server) -> Reported {
-        let mut r = Reported::default();
-        let terms = [
-            (percent(s.cpu_percent), &model.cpu, self.cpu_weight),
-            (percent(s.memory_percent), &model.memory, self.memory_weight),
-        ];
-        for (last, holt, weight) in terms {
-            let Some(last) = last else { continue };
-            let value = if self.predict {
-                holt.forecast(self.horizon).unwrap_or(last)
-            } else {
-                last
-            };
-            r.sum += weight * value / 100.0;
-            r.weight += weight;
-        }
-        r
-    }
-
-    /// Score of server `i` given its in-flight share (0..=1 of the busiest eligible server).
-    fn score(&self, pool: &Pool, i: u32, in_flight_share: f64) -> f64 {
-        let r = self.reported.get(i as usize).copied().unwrap_or_default();
-        let total = r.weight + self.connections_weight;
-        let load = if total > 0.0 {
-            (r.sum + self.connections_weight * in_flight_share) / total
-        } else {
-            // connections_weight = 0 and nothing reported: in-flight is all there is.
-            in_flight_share
-        };
-        load / pool.server(i).effective_weight() as f64
-    }
+    smoothing: Smoothing,
+    /// How many reports ahead to forecast; `None`: score with the last report.
+    horizon: Option<f64>,
+    trends: LoadTrends,
+    /// Per pool index: weighted sum of the reported terms, total weight of the terms (the
+    /// in-flight one included) and effective weight. Reports change only in `set_servers`, so
+    /// `choose` adds just the live in-flight term.
+    reported: Vec<(f64, f64, f64)>,
 }
 
 impl Plugin for LeastLoaded {
@@ -200,87 +66,72 @@ impl Plugin for LeastLoaded {
     const DESCRIPTION: &'static str = "least loaded by forecast CPU, memory and in-flight per unit of weight (Holt smoothing) [reads-load]";
 
     fn configure(o: &mut Options) -> Result<Self, String> {
-        let cpu_weight = real(o, "cpu_weight", 0.5, 0.0, 10.0)?;
-        let memory_weight = real(o, "memory_weight", 0.2, 0.0, 10.0)?;
-        let connections_weight = real(o, "connections_weight", 0.3, 0.0, 10.0)?;
+        let cpu_weight = o.number("cpu_weight", 0.5, 0.0, 10.0)?;
+        let memory_weight = o.number("memory_weight", 0.2, 0.0, 10.0)?;
+        let connections_weight = o.number("connections_weight", 0.3, 0.0, 10.0)?;
         if cpu_weight + memory_weight + connections_weight <= 0.0 {
-            return Err(
-                "options `cpu_weight`, `memory_weight`, `connections_weight`: at least one must be above 0"
-                    .to_string(),
-            );
+            return Err("options `cpu_weight`, `memory_weight`, `connections_weight`: at least one must be above 0".to_string());
         }
         let predict = o.boolean("predict", true)?;
-        let alpha = real(o, "alpha", 0.5, 0.0, 1.0)?;
+        let alpha = o.number("alpha", 0.5, 0.0, 1.0)?;
         if alpha <= 0.0 {
-            return Err(
-                "option `alpha`: must be above 0 (0 would never take a new sample)".to_string(),
-            );
+            return Err("option `alpha`: must be above 0 (0 would never take a new sample)".into());
         }
-        let beta = real(o, "beta", 0.5, 0.0, 1.0)?;
-        let horizon = real(o, "horizon", 2.0, 0.0, 100.0)?;
+        let beta = o.number("beta", 0.5, 0.0, 1.0)?;
+        let horizon = o.number("horizon", 2.0, 0.0, 100.0)?;
         Ok(LeastLoaded {
             cpu_weight,
             memory_weight,
             connections_weight,
-            predict,
-            alpha,
-            beta,
-            horizon,
-            models: BTreeMap::new(),
+            smoothing: Smoothing { alpha, beta },
+            horizon: predict.then_some(horizon),
+            trends: LoadTrends::default(),
             reported: Vec::new(),
         })
     }
 
     fn set_servers(&mut self, pool: &Pool) {
-        let mut old = std::mem::take(&mut self.models);
-        let mut reported = Vec::with_capacity(pool.servers.len());
-        for s in &pool.servers {
-            // Servers that left the pool are dropped with `old`.
-            let mut model = old.remove(&s.id).unwrap_or_default();
-            self.observe(&mut model, s);
-            reported.push(self.reported_terms(&model, s));
-            self.models.insert(s.id, model);
-        }
-        self.reported = reported;
+        self.trends.update(pool, self.smoothing);
+        let reported = |s: &Server| {
+            let [cpu, memory] = self.trends.figures(s, self.horizon);
+            let (mut sum, mut total) = (0.0, 0.0);
+            for (figure, w) in [(cpu, self.cpu_weight), (memory, self.memory_weight)] {
+                if let Some(v) = figure {
+                    (sum, total) = (sum + w * v / 100.0, total + w);
+                }
+            }
+            let weight = f64::from(s.effective_weight());
+            (sum, total + self.connections_weight, weight)
+        };
+        self.reported = pool.servers.iter().map(reported).collect();
     }
 
     fn choose(&mut self, pool: &Pool, host: &dyn Host) -> Option<u32> {
         let eligible = pool.eligible();
-        match eligible {
-            [] => return None,
-            [only] => return Some(*only),
-            _ => {}
+        if eligible.len() < 2 {
+            return eligible.first().copied();
+        }
+        if self.reported.len() != pool.servers.len() {
+            self.set_servers(pool); // a host that did not push the pool first
         }
         let in_flight = host.in_flight();
         let in_flight_of = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
         let busiest = eligible.iter().map(|&i| in_flight_of(i)).max().unwrap_or(0);
-        let share = |i: u32| {
-            if busiest == 0 {
-                0.0
+        // Lowest load per unit of weight; equal scores take turns along the global sequence.
+        min_by_score(pool, host.sequence(), |i| {
+            let share = match busiest {
+                0 => 0.0,
+                b => f64::from(in_flight_of(i)) / f64::from(b),
+            };
+            let (sum, total, weight) = self.reported[i as usize];
+            // connections_weight = 0 and nothing reported: in-flight is all there is.
+            let load = if total > 0.0 {
+                (sum + self.connections_weight * share) / total
             } else {
-                in_flight_of(i) as f64 / busiest as f64
-            }
-        };
-
-        let mut best = f64::INFINITY;
-        let mut tied: Vec<u32> = Vec::new();
-        for &i in eligible {
-            let s = self.score(pool, i, share(i));
-            if s < best {
-                best = s;
-                tied.clear();
-            }
-            if s <= best {
-                tied.push(i);
-            }
-        }
-        match tied.as_slice() {
-            [] => eligible.first().copied(),
-            [one] => Some(*one),
-            // Only a tie costs the shared-counter call; the global sequence spreads the tie
-            // evenly across worker threads too.
-            _ => Some(tied[(host.sequence() % tied.len() as u64) as usize]),
-        }
+                share
+            };
+            load / weight
+        })
     }
 }
 
@@ -292,10 +143,7 @@ mod tests {
     use lbwasm_plugin::testing::MockHost;
 
     fn plugin(pairs: &[(&str, &str)]) -> LeastLoaded {
-        let mut o = Options::from_pairs(pairs);
-        let p = LeastLoaded::configure(&mut o).unwrap();
-        o.finish().unwrap();
-        p
+        lbwasm_plugin::testing::configure(pairs)
     }
 
     fn reporting(id: u32, cpu: f32, memory: f32, sample: u64) -> Server {
@@ -423,29 +271,6 @@ mod tests {
         // Without prediction the last report (50 < 55) still wins.
         let picks = rising(&mut plugin(&[("predict", "false")]), &host);
         assert!(picks.iter().all(|(_, i)| *i == 0), "{picks:?}");
-    }
-
-    #[test]
-    fn takes_each_report_exactly_once() {
-        let mut once = plugin(&[]);
-        let mut repeated = plugin(&[]);
-        for (cpu, sample) in [(20.0, 1), (30.0, 2), (40.0, 3)] {
-            let pool = Pool::new(vec![reporting(7, cpu, cpu, sample), Server::new(8, "b")]);
-            once.set_servers(&pool);
-            // Health flaps and re-orderings re-push the same report.
-            repeated.set_servers(&pool);
-            repeated.set_servers(&Pool::new(vec![
-                Server::new(8, "b").down(),
-                reporting(7, cpu, cpu, sample),
-            ]));
-            repeated.set_servers(&pool);
-        }
-        assert_eq!(once.models[&7].cpu, repeated.models[&7].cpu);
-        // 20, 30 → level 30, trend 10; 40 → level 40, trend 10; forecast 40 + 2·10.
-        assert_eq!(once.models[&7].cpu.forecast(2.0), Some(60.0));
-        // A server that leaves takes its model along.
-        once.set_servers(&Pool::new(vec![Server::new(8, "b")]));
-        assert!(!once.models.contains_key(&7));
     }
 
     #[test]

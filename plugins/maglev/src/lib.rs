@@ -11,12 +11,13 @@
 //! * h1 and h2 are XXH3 with two fixed seeds; backends are identified by address.
 //! * The table holds the eligible servers only and is rebuilt only when their set of
 //!   (address, effective weight) changes — not on load reports or re-orderings. Backends are
-//!   taken in address order, so the table does not depend on the pool's order.
+//!   taken in address order, so the table does not depend on the pool's order (the SDK's
+//!   `members` module keeps that set).
 //! * Weights, as the paper suggests, set the relative frequency of turns: a backend gets
 //!   `effective_weight / g` turns per round (g = gcd of the weights, so equal weights of any
 //!   size give exactly the paper's table) and ends up with that share of the entries.
-//! * Retries (`attempt() = n > 0`) rehash the key with n as the seed; if that lands on the
-//!   first attempt's backend, the next slot holding another backend is taken.
+//! * Retries (`attempt() = n > 0`) rehash the key with n as the seed (`HashFn::nth`); if
+//!   that lands on the first attempt's backend, the next slot holding another backend is taken.
 //! * M should exceed 100 × the number of backends for the paper's evenness; with more
 //!   backends than slots some get no entry.
 //!
@@ -28,124 +29,74 @@
 //! | `hash` | `xxh3` | key hash: `xxh3` or `fnv1a` |
 //! | `key` | `auto` | `auto`, `header:NAME`, `cookie:NAME`, `path` or `client-ip` |
 
-use lbwasm_plugin::hash::{HashFn, fnv1a, splitmix64, xxh3_seeded};
-use lbwasm_plugin::select::gcd;
+use lbwasm_plugin::hash::{HashFn, xxh3_seeded};
+use lbwasm_plugin::members::{Member, Members};
+use lbwasm_plugin::select::reduced;
 use lbwasm_plugin::{Host, KeySource, Options, Plugin, Pool};
 
 /// Seeds of h1 (offset) and h2 (skip): any two distinct constants.
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_0001;
 const SKIP_SEED: u64 = 0x6d61_676c_6576_0002;
 
-const EMPTY: u32 = u32::MAX;
-
-/// A backend as the table knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Backend {
-    address: String,
-    weight: u32,
-}
-
 /// The Maglev algorithm.
 pub struct Maglev {
     size: u64,
     hash: HashFn,
     key: KeySource,
-    /// Eligible backends sorted by (address, weight); the table refers to them by position.
-    backends: Vec<Backend>,
-    /// M entries, each a position in `backends`.
+    /// The eligible servers with their effective weights; the table refers to them by position.
+    members: Members,
+    /// M entries, each a member position; empty without members.
     table: Vec<u32>,
-    /// Per backend: its current pool index (re-read on every `set_servers`, cheap).
-    index: Vec<u32>,
-    /// Table builds so far (tests check what does not rebuild).
-    builds: u64,
 }
 
 /// Trial division: M is at most ~10⁶, so at most ~500 divisions, once at start-up.
 fn is_prime(n: u64) -> bool {
-    n >= 2
-        && (2..)
-            .take_while(|d| d * d <= n)
-            .all(|d| !n.is_multiple_of(d))
+    let mut divisors = (2..).take_while(|d| d * d <= n);
+    n >= 2 && divisors.all(|d| !n.is_multiple_of(d))
 }
 
 impl Maglev {
     /// Fills the table by the paper's round-robin over preference lists.
-    fn build(&mut self) {
-        self.builds += 1;
-        let m = self.size;
-        let n = self.backends.len();
-        if n == 0 {
-            self.table = Vec::new();
-            return;
-        }
-        let g = self
-            .backends
-            .iter()
-            .fold(0, |g, b| gcd(g, b.weight as u64))
-            .max(1);
-        let turns: Vec<u64> = self.backends.iter().map(|b| b.weight as u64 / g).collect();
-        let offset: Vec<u64> = self
-            .backends
-            .iter()
-            .map(|b| xxh3_seeded(b.address.as_bytes(), OFFSET_SEED) % m)
-            .collect();
-        let skip: Vec<u64> = self
-            .backends
-            .iter()
-            .map(|b| xxh3_seeded(b.address.as_bytes(), SKIP_SEED) % (m - 1) + 1)
-            .collect();
-        let mut next = vec![0u64; n];
-        let mut table = vec![EMPTY; m as usize];
-        let mut filled = 0u64;
-        // Every preference list visits all M slots, so each turn finds a free one while
-        // the table is not full: the loop ends after exactly M claims.
-        'fill: loop {
-            for b in 0..n {
-                for _ in 0..turns[b] {
-                    let mut slot = (offset[b] + next[b] * skip[b]) % m;
-                    while table[slot as usize] != EMPTY {
-                        next[b] += 1;
-                        slot = (offset[b] + next[b] * skip[b]) % m;
-                    }
-                    table[slot as usize] = b as u32;
-                    next[b] += 1;
-                    filled += 1;
-                    if filled == m {
-                        break 'fill;
-                    }
-                }
+    fn build(&self) -> Vec<u32> {
+        let (m, members) = (self.size, self.members.list());
+        let turns = reduced(members.iter().map(|b| u64::from(b.weight)));
+        let h = |b: &Member, seed, modulus| xxh3_seeded(b.address.as_bytes(), seed) % modulus;
+        let offset: Vec<u64> = members.iter().map(|b| h(b, OFFSET_SEED, m)).collect();
+        let skip: Vec<u64> = members.iter().map(|b| h(b, SKIP_SEED, m - 1) + 1).collect();
+        let probe = |b: usize, n: u64| ((offset[b] + n * skip[b]) % m) as usize;
+        let mut next = vec![0u64; members.len()];
+        let mut table = vec![u32::MAX; if members.is_empty() { 0 } else { m as usize }];
+        // Each backend takes `turns` claims per round. Every preference list visits all M
+        // slots, so each claim finds a free one while the table is not full: M claims fill it.
+        let round = (0..members.len()).flat_map(|b| std::iter::repeat_n(b, turns[b] as usize));
+        for b in round.cycle().take(table.len()) {
+            while table[probe(b, next[b])] != u32::MAX {
+                next[b] += 1;
             }
+            table[probe(b, next[b])] = b as u32;
+            next[b] += 1;
         }
-        self.table = table;
+        table
     }
 
-    /// Key hash for attempt `attempt`; attempt 0 is the plain hash.
-    fn key_hash(&self, key: &str, attempt: u32) -> u64 {
-        match (self.hash, attempt) {
-            (hash, 0) => hash.hash(key.as_bytes()),
-            (HashFn::Xxh3, n) => xxh3_seeded(key.as_bytes(), n as u64),
-            // FNV-1a has no seed: mix the attempt into the hash instead.
-            (HashFn::Fnv1a, n) => splitmix64(fnv1a(key.as_bytes()) ^ splitmix64(n as u64)),
-        }
-    }
-
-    /// The table entry (a backend position) for a key on a given attempt.
+    /// The table entry (a member position) for a key on a given attempt; none without a
+    /// table. A retry rehashes the key and walks on to the first entry that is not the first
+    /// attempt's member (with a single member there is none, and it is the answer again).
     fn entry(&self, key: &str, attempt: u32) -> Option<u32> {
-        let m = self.table.len();
-        let slot_of = |h: u64| (h % m as u64) as usize;
-        let first = *self.table.get(slot_of(self.key_hash(key, 0)))?;
+        let m = self.table.len() as u64;
+        let hash = |n: u32| self.hash.nth(key.as_bytes(), n.into());
+        let first = self.table[hash(0).checked_rem(m)? as usize];
         if attempt == 0 {
             return Some(first);
         }
-        let slot = slot_of(self.key_hash(key, attempt));
-        // Walk on from the rehashed slot to the first entry that is not the first attempt's
-        // backend; with a single backend there is none, and it is the answer again.
-        (0..m)
-            .map(|k| self.table[(slot + k) % m])
-            .find(|&b| b != first)
-            .or(Some(first))
+        let start = hash(attempt) % m;
+        let mut walk = (0..m).map(|k| self.table[((start + k) % m) as usize]);
+        walk.find(|&b| b != first).or(Some(first))
     }
 }
+
+/// Why a table size is refused.
+const NOT_PRIME: &str = "is not a prime (try 65537 or 655373)";
 
 impl Plugin for Maglev {
     const DESCRIPTION: &'static str =
@@ -154,66 +105,31 @@ impl Plugin for Maglev {
     fn configure(o: &mut Options) -> Result<Self, String> {
         let size = o.number("table_size", 65_537u64, 7, 1_000_003)?;
         if !is_prime(size) {
-            return Err(format!(
-                "option `table_size`: {size} is not a prime (try 65537 or 655373)"
-            ));
+            return Err(format!("option `table_size`: {size} {NOT_PRIME}"));
         }
-        let hash = o.choice("hash", "xxh3", &HashFn::NAMES)?;
-        let hash = HashFn::from_name(hash).unwrap_or(HashFn::Xxh3);
-        let key = KeySource::parse(&o.string("key").unwrap_or_else(|| "auto".to_string()))?;
+        let hash = HashFn::from_name(o.choice("hash", "xxh3", &HashFn::NAMES)?);
         Ok(Maglev {
             size,
-            hash,
-            key,
-            backends: Vec::new(),
+            hash: hash.unwrap_or(HashFn::Xxh3),
+            key: KeySource::option(o, KeySource::Auto)?,
+            members: Members::default(),
             table: Vec::new(),
-            index: Vec::new(),
-            builds: 0,
         })
     }
 
     fn set_servers(&mut self, pool: &Pool) {
-        let mut current: Vec<(&str, u32, u32)> = pool
-            .eligible()
-            .iter()
-            .map(|&i| {
-                let s = pool.server(i);
-                (s.address.as_str(), s.effective_weight(), i)
-            })
-            .collect();
-        current.sort_unstable();
-        let same = current.len() == self.backends.len()
-            && current
-                .iter()
-                .zip(&self.backends)
-                .all(|(c, b)| c.0 == b.address && c.1 == b.weight);
-        if !same {
-            self.backends = current
-                .iter()
-                .map(|c| Backend {
-                    address: c.0.to_string(),
-                    weight: c.1,
-                })
-                .collect();
-            self.build();
+        if self.members.update_eligible(pool) {
+            self.table = self.build();
         }
-        self.index = current.iter().map(|c| c.2).collect();
     }
 
     fn choose(&mut self, pool: &Pool, host: &dyn Host) -> Option<u32> {
-        let eligible = pool.eligible();
-        if eligible.is_empty() {
-            return None;
-        }
+        // Nothing eligible: no members, no table, and the fallback finds none either.
         let key = self.key.key(host);
-        self.entry(&key, host.attempt())
-            .and_then(|b| self.index.get(b as usize).copied())
-            // Only without a table for this pool (no `set_servers` yet): still answer.
-            .or_else(|| {
-                eligible
-                    .get((self.key_hash(&key, 0) % eligible.len() as u64) as usize)
-                    .copied()
-            })
+        let entry = self.entry(&key, host.attempt());
+        let found = entry.and_then(|b| self.members.pool_index(b));
+        // Only without a table for this pool (no `set_servers` yet): still answer.
+        found.or_else(|| pool.eligible_by_hash(self.hash.hash(key.as_bytes())))
     }
 }
 
@@ -223,35 +139,21 @@ lbwasm_plugin::export_plugin!(Maglev);
 mod tests {
     use super::*;
     use lbwasm_plugin::Server;
-    use lbwasm_plugin::testing::MockHost;
+    use lbwasm_plugin::testing::{self, MockHost};
 
     const KEYS: usize = 10_000;
 
     fn plugin(pairs: &[(&str, &str)]) -> Maglev {
-        let mut o = Options::from_pairs(pairs);
-        let p = Maglev::configure(&mut o).unwrap();
-        o.finish().unwrap();
-        p
+        testing::configure(pairs)
     }
 
-    fn servers(n: u32) -> Vec<Server> {
-        (0..n)
-            .map(|i| Server::new(i, format!("10.0.0.{}:8080", i + 1)))
-            .collect()
+    fn servers(n: usize) -> Vec<Server> {
+        testing::servers(&vec![1; n])
     }
 
     /// The address each of `KEYS` keys maps to.
     fn map(p: &mut Maglev, pool: &Pool, attempt: u32) -> Vec<Option<String>> {
-        p.set_servers(pool);
-        let host = MockHost::new(pool.servers.len());
-        host.attempt.set(attempt);
-        (0..KEYS)
-            .map(|k| {
-                *host.hash_key.borrow_mut() = Some(format!("user-{k}"));
-                p.choose(pool, &host)
-                    .map(|i| pool.server(i).address.clone())
-            })
-            .collect()
+        testing::key_map(p, pool, attempt, KEYS)
     }
 
     fn count(mapping: &[Option<String>], address: &str) -> usize {
@@ -269,7 +171,7 @@ mod tests {
         let mut reversed = servers(3);
         reversed.reverse();
         assert_eq!(first, map(&mut p, &Pool::new(reversed), 0));
-        assert_eq!(p.builds, 1);
+        assert_eq!(p.members.changes(), 1);
     }
 
     #[test]
@@ -355,14 +257,14 @@ mod tests {
         s[0].cpu_percent = Some(80.0);
         s[0].load_sample = 1;
         p.set_servers(&Pool::new(s.clone()));
-        assert_eq!(p.builds, 1);
+        assert_eq!(p.members.changes(), 1);
         s[0].warmup = 0.5;
         s[0] = s[0].clone().with_weight(4);
         p.set_servers(&Pool::new(s.clone()));
-        assert_eq!(p.builds, 2);
+        assert_eq!(p.members.changes(), 2);
         s[2] = s[2].clone().down();
         p.set_servers(&Pool::new(s));
-        assert_eq!(p.builds, 3);
+        assert_eq!(p.members.changes(), 3);
     }
 
     #[test]
@@ -381,4 +283,40 @@ mod tests {
             assert!(e.contains(&format!("`{key}`")), "{key}={value}: {e}");
         }
     }
+
+    /// Key → pool index for a fixed pool, pinned before the issue-13 refactor: the table
+    /// population and the key hashing must never move a key. Pool: four servers, weights
+    /// 1, 1, 3, 1, the second one down; digits are the picks for keys `user-0`…`user-15`.
+    #[test]
+    fn pinned_key_to_index_answers() {
+        let mut s = servers(4);
+        s[1] = s[1].clone().down();
+        s[2] = s[2].clone().with_weight(3);
+        let pool = Pool::new(s);
+        for (pairs, attempt, want) in PINNED {
+            let mut p = plugin(pairs);
+            p.set_servers(&pool);
+            let host = MockHost::new(4);
+            host.attempt.set(*attempt);
+            let got: String = (0..16)
+                .map(|k| {
+                    *host.hash_key.borrow_mut() = Some(format!("user-{k}"));
+                    char::from(b'0' + p.choose(&pool, &host).unwrap() as u8)
+                })
+                .collect();
+            assert_eq!(&got, want, "{pairs:?} attempt {attempt}");
+        }
+    }
+
+    /// Options, retry attempt, and the picks for keys `user-0`…`user-15`.
+    type Pinned = (&'static [(&'static str, &'static str)], u32, &'static str);
+
+    const PINNED: &[Pinned] = &[
+        (&[], 0, "3223023232222322"),
+        (&[], 1, "2030232020333233"),
+        (&[], 2, "0032200020033003"),
+        (&[("hash", "fnv1a")], 0, "2220202222322203"),
+        (&[("hash", "fnv1a")], 1, "3002320330233322"),
+        (&[("table_size", "251")], 0, "0222222220200323"),
+    ];
 }

@@ -94,31 +94,17 @@ lbwasm_plugin::export_plugin!(P2cEwma);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lbwasm_plugin::testing::MockHost;
+    use lbwasm_plugin::testing::{self, MockHost, counts};
     use lbwasm_plugin::{Protocol, Server, ServerLoad};
+    use std::borrow::Cow;
     use std::cell::Cell;
 
     fn plugin(pairs: &[(&str, &str)]) -> P2cEwma {
-        let mut o = Options::from_pairs(pairs);
-        let p = P2cEwma::configure(&mut o).unwrap();
-        o.finish().unwrap();
-        p
+        testing::configure(pairs)
     }
 
-    fn pool(n: u32) -> Pool {
-        Pool::new(
-            (0..n)
-                .map(|i| Server::new(i, format!("10.0.0.{i}:80")))
-                .collect(),
-        )
-    }
-
-    fn counts(p: &mut P2cEwma, pool: &Pool, host: &dyn Host, picks: usize) -> Vec<usize> {
-        let mut c = vec![0; pool.servers.len()];
-        for _ in 0..picks {
-            c[p.choose(pool, host).unwrap() as usize] += 1;
-        }
-        c
+    fn pool(n: usize) -> Pool {
+        testing::pool(&vec![1; n])
     }
 
     #[test]
@@ -208,7 +194,7 @@ mod tests {
         fn sequence(&self) -> u64 {
             self.0.sequence()
         }
-        fn in_flight(&self) -> Vec<u32> {
+        fn in_flight(&self) -> Cow<'_, [u32]> {
             panic!("p2c must not read a whole column")
         }
         fn latency_us(&self) -> Vec<u32> {

@@ -30,16 +30,12 @@ pub struct WeightedRandom {
 
 impl WeightedRandom {
     fn rebuild(&mut self, pool: &Pool) {
-        self.indices = pool.eligible().to_vec();
-        let mut sum = 0u64;
-        self.cumulative = self
-            .indices
-            .iter()
-            .map(|&i| {
-                sum += u64::from(pool.server(i).effective_weight());
-                sum
-            })
-            .collect();
+        let mut sum = 0;
+        let cumulative = pool.eligible_weights().map(|(i, w)| {
+            sum += w;
+            (i, sum)
+        });
+        (self.indices, self.cumulative) = cumulative.unzip();
     }
 }
 
@@ -78,32 +74,13 @@ lbwasm_plugin::export_plugin!(WeightedRandom);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lbwasm_plugin::{Server, testing::MockHost};
-
-    fn pool(weights: &[u32]) -> Pool {
-        Pool::new(
-            weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| Server::new(i as u32, format!("10.0.0.{i}:80")).with_weight(w))
-                .collect(),
-        )
-    }
+    use lbwasm_plugin::Server;
+    use lbwasm_plugin::testing::{MockHost, configure, counts, pool};
 
     fn plugin(seed: &str, pool: &Pool) -> WeightedRandom {
-        let mut o = Options::from_pairs(&[("seed", seed)]);
-        let mut p = WeightedRandom::configure(&mut o).unwrap();
-        o.finish().unwrap();
+        let mut p: WeightedRandom = configure(&[("seed", seed)]);
         p.set_servers(pool);
         p
-    }
-
-    fn counts(p: &mut WeightedRandom, pool: &Pool, host: &MockHost, picks: usize) -> Vec<u32> {
-        let mut counts = vec![0u32; pool.servers.len()];
-        for _ in 0..picks {
-            counts[p.choose(pool, host).unwrap() as usize] += 1;
-        }
-        counts
     }
 
     #[test]

@@ -33,6 +33,28 @@ impl HashFn {
             HashFn::Xxh3 => xxh3(bytes),
         }
     }
+
+    /// A hash for positions that get compared (a ring, a sorted table), whose high bits must
+    /// differ even when only the last bytes do (`…#17`, `…#18`): FNV-1a alone hardly changes
+    /// them, so it gets the SplitMix64 finaliser (measured on a ring without it: 7110 of
+    /// 10,000 keys on one of 3 servers); XXH3 is already well mixed.
+    pub fn ordered(self, bytes: &[u8]) -> u64 {
+        match self {
+            HashFn::Fnv1a => splitmix64(fnv1a(bytes)),
+            HashFn::Xxh3 => xxh3(bytes),
+        }
+    }
+
+    /// Hash number `n` of the bytes: the plain [`HashFn::hash`] for 0, an independent one for
+    /// every other `n` (a retry's second choice). XXH3 takes `n` as its seed; FNV-1a has no
+    /// seed, so `n` is mixed into its hash instead.
+    pub fn nth(self, bytes: &[u8], n: u64) -> u64 {
+        match (self, n) {
+            (hash, 0) => hash.hash(bytes),
+            (HashFn::Xxh3, n) => xxh3_seeded(bytes, n),
+            (HashFn::Fnv1a, n) => splitmix64(fnv1a(bytes) ^ splitmix64(n)),
+        }
+    }
 }
 
 /// 64-bit FNV-1a.
@@ -104,6 +126,25 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
         assert_eq!(xxh3(b""), 0x2d06800538d394c2);
+    }
+
+    #[test]
+    fn nth_hash() {
+        for h in [HashFn::Xxh3, HashFn::Fnv1a] {
+            assert_eq!(h.nth(b"key", 0), h.hash(b"key"));
+            assert_ne!(h.nth(b"key", 1), h.hash(b"key"));
+            assert_ne!(h.nth(b"key", 1), h.nth(b"key", 2));
+        }
+        assert_eq!(HashFn::Xxh3.nth(b"key", 3), xxh3_seeded(b"key", 3));
+        assert_eq!(HashFn::Xxh3.ordered(b"key"), xxh3(b"key"));
+        assert_eq!(HashFn::Fnv1a.ordered(b"key"), splitmix64(fnv1a(b"key")));
+        // FNV-1a's top byte barely moves with the last byte; the finalised one does.
+        let top = |h: u64| h >> 56;
+        assert_eq!(top(fnv1a(b"s#17")), top(fnv1a(b"s#18")));
+        assert_ne!(
+            top(HashFn::Fnv1a.ordered(b"s#17")),
+            top(HashFn::Fnv1a.ordered(b"s#18"))
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! What a plugin can ask the proxy during `choose`: live load, request details, shared counters.
 
+use std::borrow::Cow;
+
 /// Live figures of one backend (mirrors the WIT `server-load`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ServerLoad {
@@ -30,8 +32,10 @@ pub trait Host {
     /// every worker thread (0, 1, 2…): a global rotation is `sequence % n`. Free to read (it
     /// is the call's argument, not a host call).
     fn sequence(&self) -> u64;
-    /// In-flight count of every server, indexed like the pool.
-    fn in_flight(&self) -> Vec<u32>;
+    /// In-flight count of every server, indexed like the pool. Borrowed when the counts came
+    /// as arguments of `choose` (pools of up to 16 servers): then reading them allocates
+    /// nothing and calls nothing; owned when they had to be fetched with a host call.
+    fn in_flight(&self) -> Cow<'_, [u32]>;
     /// Peak-EWMA latency (µs, 0 = unknown) of every server.
     fn latency_us(&self) -> Vec<u32>;
     /// Every live figure of one server.

@@ -1,6 +1,7 @@
 //! Where hash-based algorithms take their key from: a header, a cookie, the path, the
 //! client address, or the listener's configured hash key.
 
+use crate::Options;
 use crate::host::Host;
 
 /// A key source, parsed from a plugin's `key` option.
@@ -47,6 +48,13 @@ impl KeySource {
         ))
     }
 
+    /// The `key` option, or `default` when it is not given.
+    pub fn option(options: &mut Options, default: KeySource) -> Result<Self, String> {
+        options
+            .string("key")
+            .map_or(Ok(default), |s| Self::parse(&s))
+    }
+
     /// The key for the current request; falls back to the client IP when the source is absent,
     /// so every request still maps somewhere stable.
     pub fn key(&self, host: &dyn Host) -> String {
@@ -87,5 +95,22 @@ mod tests {
         );
         assert!(KeySource::parse("body").unwrap_err().contains("`key`"));
         assert_eq!(cookie_value("a=1; sid=abc", "sid"), Some("abc"));
+    }
+
+    #[test]
+    fn option_with_a_default() {
+        let mut o = Options::from_pairs(&[("key", "path")]);
+        assert_eq!(
+            KeySource::option(&mut o, KeySource::Auto),
+            Ok(KeySource::Path)
+        );
+        assert!(o.finish().is_ok(), "the option counts as read");
+        let mut o = Options::default();
+        assert_eq!(
+            KeySource::option(&mut o, KeySource::Auto),
+            Ok(KeySource::Auto)
+        );
+        let mut o = Options::from_pairs(&[("key", "body")]);
+        assert!(KeySource::option(&mut o, KeySource::Auto).is_err());
     }
 }

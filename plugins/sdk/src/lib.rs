@@ -4,14 +4,17 @@
 //! The SDK owns the WIT boundary: it keeps the pool pushed by the host as a [`Pool`] of plain
 //! Rust [`Server`]s, reads live load and request details through the [`Host`] trait, and
 //! carries the helpers every algorithm would otherwise copy (eligibility, weights, hashing,
-//! option parsing). Because algorithms only see these types, they run natively in unit tests
+//! option parsing, table membership, hash rings, load forecasts). Because algorithms only see these types, they run natively in unit tests
 //! against [`testing::MockHost`]; the WIT bindings exist only on `wasm32`.
 
+pub mod forecast;
 pub mod hash;
 pub mod host;
 pub mod key;
+pub mod members;
 pub mod options;
 pub mod pool;
+pub mod ring;
 pub mod select;
 pub mod testing;
 

@@ -58,6 +58,17 @@ impl Server {
         self
     }
 
+    /// The reported CPU %, clamped to 0..=100; `None` when not reported or not a number, so
+    /// that a plugin treats it as unknown rather than as 0.
+    pub fn cpu(&self) -> Option<f64> {
+        percent(self.cpu_percent)
+    }
+
+    /// The reported memory %, as [`Server::cpu`].
+    pub fn memory(&self) -> Option<f64> {
+        percent(self.memory_percent)
+    }
+
     /// Weight scaled by slow start: at least 1 so a warming server still gets some traffic.
     pub fn effective_weight(&self) -> u32 {
         let w = self.weight.max(1);
@@ -66,6 +77,12 @@ impl Server {
         }
         ((w as f32 * self.warmup.max(0.0)).round() as u32).max(1)
     }
+}
+
+/// A reported percentage, or `None` when absent or not a number.
+fn percent(v: Option<f32>) -> Option<f64> {
+    v.filter(|v| v.is_finite())
+        .map(|v| f64::from(v).clamp(0.0, 100.0))
 }
 
 /// The servers pushed by the host plus the indices of the eligible (healthy) ones.
@@ -125,11 +142,70 @@ impl Pool {
         max == 0 || in_flight < max
     }
 
+    /// The eligible server at `hash` mod their count: the last resort of a hash-based plugin
+    /// whose table has no answer, still the same server for the same key.
+    pub fn eligible_by_hash(&self, hash: u64) -> Option<u32> {
+        let n = self.eligible.len() as u64;
+        (n > 0).then(|| self.eligible[(hash % n) as usize])
+    }
+
+    /// Each eligible server's index and effective weight (widened, so sums cannot overflow):
+    /// what weighted algorithms build their tables from.
+    pub fn eligible_weights(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let weight = |i: u32| u64::from(self.server(i).effective_weight());
+        self.eligible.iter().map(move |&i| (i, weight(i)))
+    }
+
     /// Sum of the effective weights of the eligible servers.
     pub fn eligible_weight(&self) -> u64 {
-        self.eligible
-            .iter()
-            .map(|&i| self.server(i).effective_weight() as u64)
-            .sum()
+        self.eligible_weights().map(|(_, w)| w).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_percentages_are_sanitised() {
+        let mut s = Server::new(0, "a");
+        assert_eq!((s.cpu(), s.memory()), (None, None));
+        s.cpu_percent = Some(140.0);
+        s.memory_percent = Some(f32::NAN);
+        assert_eq!((s.cpu(), s.memory()), (Some(100.0), None));
+        s.cpu_percent = Some(-3.0);
+        s.memory_percent = Some(42.5);
+        assert_eq!((s.cpu(), s.memory()), (Some(0.0), Some(42.5)));
+    }
+
+    #[test]
+    fn eligible_weights_apply_slow_start() {
+        let mut warming = Server::new(2, "c").with_weight(10);
+        warming.warmup = 0.25;
+        let pool = Pool::new(vec![
+            Server::new(0, "a").with_weight(4).down(),
+            Server::new(1, "b"),
+            warming,
+        ]);
+        assert_eq!(
+            pool.eligible_weights().collect::<Vec<_>>(),
+            [(1, 1), (2, 3)]
+        );
+        assert_eq!(pool.eligible_weight(), 4);
+    }
+
+    #[test]
+    fn eligible_by_hash_stays_among_the_eligible() {
+        let pool = Pool::new(vec![
+            Server::new(0, "a").down(),
+            Server::new(1, "b"),
+            Server::new(2, "c"),
+        ]);
+        assert_eq!(pool.eligible_by_hash(4), Some(1));
+        assert_eq!(pool.eligible_by_hash(7), Some(2));
+        assert_eq!(
+            Pool::new(vec![Server::new(0, "a").down()]).eligible_by_hash(1),
+            None
+        );
     }
 }

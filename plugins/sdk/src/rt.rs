@@ -1,6 +1,8 @@
 //! The wasm side of the boundary: WIT bindings and the glue the `export_plugin!` macro uses.
 
 #[doc(hidden)]
+// Generated: `choose-loaded`'s export takes the sequence and eight packed in-flight words.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -16,6 +18,8 @@ pub mod reexport {
     pub use super::bindings::Guest;
     pub use super::bindings::lbwasm::balancer::types::Server as WitServer;
 }
+
+use std::borrow::Cow;
 
 use crate::host::{Host, Protocol, ServerLoad};
 use crate::{Options, Plugin, Pool, Server};
@@ -120,10 +124,10 @@ impl Host for WasmHost {
     fn sequence(&self) -> u64 {
         self.sequence
     }
-    fn in_flight(&self) -> Vec<u32> {
+    fn in_flight(&self) -> Cow<'_, [u32]> {
         match &self.in_flight {
-            Some(v) => v[..self.servers.min(16)].to_vec(),
-            None => load::in_flight(),
+            Some(v) => Cow::Borrowed(&v[..self.servers.min(16)]),
+            None => Cow::Owned(load::in_flight()),
         }
     }
     fn latency_us(&self) -> Vec<u32> {

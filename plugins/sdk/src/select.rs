@@ -12,41 +12,38 @@ pub fn min_by_score<F>(pool: &Pool, rotation: u64, score: F) -> Option<u32>
 where
     F: Fn(u32) -> f64,
 {
-    let eligible = pool.eligible();
-    let best = eligible
-        .iter()
-        .map(|&i| score(i))
-        .fold(f64::INFINITY, f64::min);
-    if !best.is_finite() {
-        return None;
-    }
-    let tied = || eligible.iter().copied().filter(|&i| score(i) == best);
-    let turn = rotation % tied().count() as u64;
-    tied().nth(turn as usize)
+    least_by_key(pool, rotation, |i| Some(score(i)).filter(|s| s.is_finite()))
 }
 
-/// [`min_by_score`] for integer keys, the fast path for per-request scans of large pools:
-/// one pass finds the minimum and counts the ties, a second pass (stopping early) takes the
-/// `rotation`-th tie. `key` returns `None` for a server that cannot be used (e.g. full).
+/// [`min_by_score`] for any ordered key, the path for per-request scans of large pools: one
+/// pass finds the minimum and counts the ties; only a tie costs a second pass (stopping
+/// early) to take the `rotation`-th of them. `key` returns `None` for a server that cannot be
+/// used (e.g. full). Keys must be totally ordered (no NaN).
 pub fn least_by_key<K, F>(pool: &Pool, rotation: u64, key: F) -> Option<u32>
 where
-    K: Ord + Copy,
+    K: PartialOrd + Copy,
     F: Fn(u32) -> Option<K>,
 {
-    let mut best: Option<K> = None;
+    let mut best: Option<(K, u32)> = None;
     let mut ties = 0u64;
     for &i in pool.eligible() {
         let Some(k) = key(i) else { continue };
-        match best {
-            Some(b) if k > b => {}
-            Some(b) if k == b => ties += 1,
-            _ => {
-                best = Some(k);
-                ties = 1;
+        let lower = match best {
+            None => true,
+            Some((b, _)) => {
+                ties += u64::from(k == b);
+                k < b
             }
+        };
+        if lower {
+            best = Some((k, i));
+            ties = 1;
         }
     }
-    let best = best?;
+    let (best, first) = best?;
+    if ties == 1 {
+        return Some(first);
+    }
     let mut turn = rotation % ties;
     for &i in pool.eligible() {
         if key(i) == Some(best) {
@@ -57,6 +54,26 @@ where
         }
     }
     None
+}
+
+/// The eligible server with the least `key(index, in_flight)` among those under their
+/// connection limit, ties taking turns as in [`least_by_key`]: the scan of the
+/// least-connections family. `in_flight` is the host's column (0 past its end). When no
+/// server has a limit, the check and the trip to each `Server` it costs are skipped.
+pub fn least_with_room<K, F>(pool: &Pool, in_flight: &[u32], rotation: u64, key: F) -> Option<u32>
+where
+    K: PartialOrd + Copy,
+    F: Fn(u32, u32) -> K,
+{
+    let load = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
+    if pool.has_limits() {
+        least_by_key(pool, rotation, |i| {
+            let n = load(i);
+            pool.has_room(i, n).then(|| key(i, n))
+        })
+    } else {
+        least_by_key(pool, rotation, |i| Some(key(i, load(i))))
+    }
 }
 
 /// Picks among the eligible servers in proportion to `weight(i)` using `random` bits.
@@ -88,6 +105,14 @@ where
 /// Greatest common divisor.
 pub fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// `weights` divided by their greatest common divisor: weights 10:2:2 act as 5:1:1, so a
+/// schedule built from them has the shortest period, and equal weights of any size act as 1.
+pub fn reduced(weights: impl IntoIterator<Item = u64>) -> Vec<u64> {
+    let weights: Vec<u64> = weights.into_iter().collect();
+    let divisor = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
+    weights.iter().map(|w| w / divisor).collect()
 }
 
 #[cfg(test)]
@@ -128,5 +153,39 @@ mod tests {
             min_by_score(&Pool::new(vec![Server::new(0, "a").down()]), 0, |_| 0.0),
             None
         );
+        // Scores that are not finite are never picked; floats tie like integers.
+        let score = |i: u32| [f64::NAN, f64::INFINITY, 0.5, 0.5][i as usize];
+        let picks: Vec<u32> = (0..3)
+            .map(|r| min_by_score(&pool, r, score).unwrap())
+            .collect();
+        assert_eq!(picks, vec![2, 3, 2]);
+    }
+
+    #[test]
+    fn least_with_room_honours_limits() {
+        let mut servers: Vec<Server> = (0..3).map(|i| Server::new(i, "x")).collect();
+        let pool = Pool::new(servers.clone());
+        let by_count = |_, n: u32| n;
+        assert_eq!(least_with_room(&pool, &[3, 1, 2], 0, by_count), Some(1));
+        // A short column counts the missing servers as idle.
+        assert_eq!(least_with_room(&pool, &[3, 1], 0, by_count), Some(2));
+        servers[1].max_connections = 1;
+        servers[2].max_connections = 5;
+        let limited = Pool::new(servers);
+        assert_eq!(least_with_room(&limited, &[3, 1, 2], 0, by_count), Some(2));
+        assert_eq!(least_with_room(&limited, &[3, 1, 5], 0, by_count), Some(0));
+        let picks: Vec<u32> = (0..2)
+            .map(|r| least_with_room(&limited, &[0, 0, 0], r, |i, _| i.min(1)))
+            .map(Option::unwrap)
+            .collect();
+        assert_eq!(picks, [0, 0], "the key decides, not only in-flight");
+    }
+
+    #[test]
+    fn weights_reduced_by_their_gcd() {
+        assert_eq!(reduced([10, 2, 4]), [5, 1, 2]);
+        assert_eq!(reduced([7, 7]), [1, 1]);
+        assert_eq!(reduced([0, 0]), [0, 0]);
+        assert!(reduced([]).is_empty());
     }
 }

@@ -19,7 +19,7 @@
 //!
 //! None.
 
-use lbwasm_plugin::select::least_by_key;
+use lbwasm_plugin::select::least_with_room;
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The weighted least-connections algorithm. Takes no options.
@@ -51,24 +51,14 @@ impl Plugin for WeightedLeastConnections {
         if self.weights.len() != pool.servers.len() {
             self.set_servers(pool); // a host that did not push the pool first
         }
-        let in_flight = host.in_flight();
         let rotation = self.rotation;
         self.rotation = self.rotation.wrapping_add(1);
         let weights = &self.weights;
         // (in_flight + 1) / weight as an exact fixed-point integer: equal ratios tie exactly.
-        let key = |i: u32, n: u32| {
+        least_with_room(pool, &host.in_flight(), rotation, |i, n| {
             let w = weights.get(i as usize).copied().unwrap_or(1).max(1);
             ((n as u128 + 1) << 64) / w as u128
-        };
-        let load = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
-        if pool.has_limits() {
-            least_by_key(pool, rotation, |i| {
-                let n = load(i);
-                pool.has_room(i, n).then(|| key(i, n))
-            })
-        } else {
-            least_by_key(pool, rotation, |i| Some(key(i, load(i))))
-        }
+        })
     }
 }
 
@@ -77,20 +67,11 @@ lbwasm_plugin::export_plugin!(WeightedLeastConnections);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lbwasm_plugin::{Server, testing::MockHost};
-
-    fn pool(weights: &[u32]) -> Pool {
-        Pool::new(
-            weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| Server::new(i as u32, format!("10.0.0.{i}:80")).with_weight(w))
-                .collect(),
-        )
-    }
+    use lbwasm_plugin::Server;
+    use lbwasm_plugin::testing::{MockHost, configure, pool};
 
     fn plugin() -> WeightedLeastConnections {
-        WeightedLeastConnections::configure(&mut Options::default()).unwrap()
+        configure(&[])
     }
 
     /// Sends `picks` requests that never complete; returns the in-flight counts.
@@ -105,7 +86,7 @@ mod tests {
             let n = host.in_flight()[i];
             host.set_in_flight(i, n + 1);
         }
-        host.in_flight()
+        host.in_flight().into_owned()
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //! * `min_latency_us` (1..=10,000,000, default 100): floor applied to every latency, in µs.
 
 use lbwasm_plugin::hash::splitmix64;
-use lbwasm_plugin::select::weighted_pick;
+use lbwasm_plugin::select::{least_by_key, weighted_pick};
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The weighted response-time algorithm.
@@ -63,18 +63,14 @@ impl Plugin for WeightedResponseTime {
 
         if eligible.iter().any(|&i| latency_of(i) == 0) {
             let in_flight = host.in_flight();
-            let idle_unsampled = || {
-                eligible.iter().copied().filter(|&i| {
-                    latency_of(i) == 0 && in_flight.get(i as usize).copied().unwrap_or(0) == 0
-                })
-            };
-            // Rotating over the candidates themselves (not over the scan's starting point)
-            // gives each of them an equal turn.
-            let count = idle_unsampled().count() as u64;
-            if count > 0 {
-                let turn = self.rotation % count;
+            let idle = |i: u32| in_flight.get(i as usize).is_none_or(|&n| n == 0);
+            // The idle unsampled servers all tie, so they take equal turns.
+            let probe = least_by_key(pool, self.rotation, |i| {
+                (latency_of(i) == 0 && idle(i)).then_some(())
+            });
+            if probe.is_some() {
                 self.rotation = self.rotation.wrapping_add(1);
-                return idle_unsampled().nth(turn as usize);
+                return probe;
             }
         }
 
@@ -97,36 +93,11 @@ lbwasm_plugin::export_plugin!(WeightedResponseTime);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lbwasm_plugin::{Server, testing::MockHost};
-
-    fn pool(weights: &[u32]) -> Pool {
-        Pool::new(
-            weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| Server::new(i as u32, format!("10.0.0.{i}:80")).with_weight(w))
-                .collect(),
-        )
-    }
+    use lbwasm_plugin::Server;
+    use lbwasm_plugin::testing::{MockHost, configure, counts, pool};
 
     fn plugin(options: &[(&str, &str)]) -> WeightedResponseTime {
-        let mut o = Options::from_pairs(options);
-        let p = WeightedResponseTime::configure(&mut o).unwrap();
-        o.finish().unwrap();
-        p
-    }
-
-    fn counts(
-        p: &mut WeightedResponseTime,
-        pool: &Pool,
-        host: &MockHost,
-        picks: usize,
-    ) -> Vec<u32> {
-        let mut counts = vec![0u32; pool.servers.len()];
-        for _ in 0..picks {
-            counts[p.choose(pool, host).unwrap() as usize] += 1;
-        }
-        counts
+        configure(options)
     }
 
     fn near(got: u32, want: f64, tolerance: f64) -> bool {

@@ -35,7 +35,7 @@
 //!
 //! None.
 
-use lbwasm_plugin::select::gcd;
+use lbwasm_plugin::select::reduced;
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// Longest period (in picks) that is precomputed; above it the plugin runs per instance.
@@ -57,40 +57,29 @@ pub struct WeightedRoundRobin {
 enum Mode {
     /// One period of the global sequence, as pool indices.
     Schedule(Vec<u32>),
-    /// Per-instance state, aligned with `servers`: reduced weights, `current` values, total.
-    Stateful {
-        weights: Vec<i64>,
-        current: Vec<i64>,
-        total: i64,
-    },
+    /// Per-instance state, aligned with `servers` (never empty): reduced weights, `current`
+    /// values, total.
+    Stateful(Vec<i64>, Vec<i64>, i64),
 }
 
 impl WeightedRoundRobin {
     fn rebuild(&mut self, pool: &Pool) {
-        let servers: Vec<(u32, u64)> = pool
-            .eligible()
-            .iter()
-            .map(|&i| (i, u64::from(pool.server(i).effective_weight())))
-            .collect();
+        let servers: Vec<(u32, u64)> = pool.eligible_weights().collect();
         if servers == self.servers {
             return;
         }
-        let divisor = servers.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
-        let weights: Vec<i64> = servers.iter().map(|&(_, w)| (w / divisor) as i64).collect();
-        let total: i64 = weights.iter().sum();
+        let weights: Vec<i64> = reduced(servers.iter().map(|s| s.1))
+            .iter()
+            .map(|&w| w as i64)
+            .collect();
+        let total = weights.iter().sum::<i64>();
+        let mut current = vec![0; weights.len()];
         self.mode =
             if total as u64 > MAX_PERIOD || total as u64 * weights.len() as u64 > MAX_BUILD_WORK {
-                Mode::Stateful {
-                    current: vec![0; weights.len()],
-                    weights,
-                    total,
-                }
+                Mode::Stateful(weights, current, total)
             } else {
-                let mut current = vec![0; weights.len()];
-                let schedule = (0..total)
-                    .map(|_| servers[smooth_step(&mut current, &weights, total)].0)
-                    .collect();
-                Mode::Schedule(schedule)
+                let step = |_| servers[smooth_step(&mut current, &weights, total)].0;
+                Mode::Schedule((0..total).map(step).collect())
             };
         self.servers = servers;
     }
@@ -103,16 +92,9 @@ impl WeightedRoundRobin {
 
 /// One NGINX step over `weights`; returns the position of the pick. `weights` is not empty.
 fn smooth_step(current: &mut [i64], weights: &[i64], total: i64) -> usize {
-    let mut best = 0;
-    let mut best_current = i64::MIN;
-    for (k, (c, &w)) in current.iter_mut().zip(weights).enumerate() {
-        *c += w;
-        // Strictly greater: the first server in order wins a tie, as in NGINX.
-        if *c > best_current {
-            best = k;
-            best_current = *c;
-        }
-    }
+    current.iter_mut().zip(weights).for_each(|(c, w)| *c += w);
+    // Strictly greater: the first server in order wins a tie, as in NGINX.
+    let best = (0..current.len()).fold(0, |b, k| if current[k] > current[b] { k } else { b });
     current[best] -= total;
     best
 }
@@ -139,23 +121,10 @@ impl Plugin for WeightedRoundRobin {
             self.rebuild(pool);
         }
         match &mut self.mode {
-            Mode::Schedule(schedule) => {
-                if schedule.is_empty() {
-                    return None;
-                }
-                let n = host.sequence();
-                Some(schedule[(n % schedule.len() as u64) as usize])
-            }
-            Mode::Stateful {
-                weights,
-                current,
-                total,
-            } => {
-                if weights.is_empty() {
-                    return None;
-                }
-                let k = smooth_step(current, weights, *total);
-                Some(self.servers[k].0)
+            Mode::Schedule(s) if s.is_empty() => None,
+            Mode::Schedule(s) => Some(s[(host.sequence() % s.len() as u64) as usize]),
+            Mode::Stateful(weights, current, total) => {
+                Some(self.servers[smooth_step(current, weights, *total)].0)
             }
         }
     }
@@ -166,21 +135,11 @@ lbwasm_plugin::export_plugin!(WeightedRoundRobin);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lbwasm_plugin::{Server, testing::MockHost};
-
-    fn pool(weights: &[u32]) -> Pool {
-        let names = ["a", "b", "c", "d", "e"];
-        Pool::new(
-            weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| Server::new(i as u32, names[i]).with_weight(w))
-                .collect(),
-        )
-    }
+    use lbwasm_plugin::Server;
+    use lbwasm_plugin::testing::{MockHost, configure, pool};
 
     fn plugin(pool: &Pool) -> WeightedRoundRobin {
-        let mut p = WeightedRoundRobin::configure(&mut Options::default()).unwrap();
+        let mut p: WeightedRoundRobin = configure(&[]);
         p.set_servers(pool);
         p
     }

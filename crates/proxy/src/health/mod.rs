@@ -1,0 +1,308 @@
+//! Backend health and load, decided on the control plane (never on the workers):
+//!
+//! - active checks: `GET path` expecting a status, or a TCP connect, every `interval`, with
+//!   rise/fall thresholds (HAProxy's model; a backend starts up);
+//! - passive ejection (Envoy outlier detection): after `consecutive_failures` failed attempts
+//!   in a row (reported by the workers) a backend is ejected for `base × 2^k`, capped at
+//!   `max`, then re-admitted — never the last healthy one, which would only turn errors into
+//!   certain 503s; `k` is forgotten after a quiet period as long as `max`;
+//! - slow start: a re-admitted backend's warmup ramps up over `slow_start`;
+//! - the load poller: `GET /load` every `interval`, only while the listener's plugin reads
+//!   load figures (or the configuration says always); a backend without it has no figures,
+//!   and one that answers 404 is logged once and polled ever less often (30 s doubling to
+//!   5 min) instead of every second.
+//!
+//! Every state change publishes a new pool snapshot (one per round, not one per backend).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::{Request, header};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+use crate::config::{HealthCheck, HealthKind, LoadReport, Passive};
+use crate::pool::{Backend, BackendState, LoadFigures, Pool};
+use crate::proxy::ListenerShared;
+use lbwasm_plugin_host::clock_ms;
+
+/// Largest load report read.
+const MAX_REPORT: usize = 64 * 1024;
+
+/// What a plugin's `describe()` text contains to say it reads the backends' load figures
+/// (CPU, memory, connections), so that the host polls `/load` for it; the built-in
+/// `least_loaded` does. A mark in the description rather than a new export: the world
+/// `lbwasm:balancer/balancer@0.2.0` stays as it is, every existing component still loads,
+/// and one that says nothing costs its backends no polling.
+pub const READS_LOAD: &str = "[reads-load]";
+
+/// Wait before polling again a backend whose load endpoint answered 404.
+const NO_ENDPOINT_FIRST: Duration = Duration::from_secs(30);
+
+/// Longest wait between polls of a backend without a load endpoint (doubling up to it).
+const NO_ENDPOINT_MAX: Duration = Duration::from_secs(300);
+
+/// Runs the active checks of a listener's pool until aborted. Follows reloads: the health
+/// settings are re-read every round, and no `[listener.health]` means no checks.
+pub async fn active_checks(listener: Arc<ListenerShared>) {
+    loop {
+        let Some(hc) = listener.settings.load().health.clone() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let members: Vec<Arc<Backend>> = listener
+            .pool
+            .members()
+            .into_iter()
+            .filter(|b| !b.current_state().draining)
+            .collect();
+        let results = join_all(members.iter().map(|b| probe(b.addr, &hc.kind, hc.timeout))).await;
+        listener.pool.update(|changes| {
+            for (b, ok) in members.iter().zip(results) {
+                changes.state(b, |st| apply_check(&listener, b, st, ok, &hc));
+            }
+        });
+        tokio::time::sleep(hc.interval).await;
+    }
+}
+
+/// Counts one check result of `b` in its state `st`.
+fn apply_check(
+    listener: &ListenerShared,
+    b: &Backend,
+    st: &mut BackendState,
+    ok: bool,
+    hc: &HealthCheck,
+) {
+    if ok {
+        st.fall = 0;
+        if !st.active_up {
+            st.rise += 1;
+            if st.rise >= hc.rise {
+                st.active_up = true;
+                st.rise = 0;
+                st.warming_since = Some(Instant::now());
+                tracing::info!(listener = %listener.name, backend = %b.addr, id = b.id, "backend up (active check)");
+            }
+        }
+    } else {
+        st.rise = 0;
+        if st.active_up {
+            st.fall += 1;
+            if st.fall >= hc.fall {
+                st.active_up = false;
+                st.fall = 0;
+                tracing::warn!(listener = %listener.name, backend = %b.addr, id = b.id, "backend down (active check)");
+            }
+        }
+    }
+}
+
+/// One check: true when the backend answered as expected within `timeout`.
+pub async fn probe(addr: SocketAddr, kind: &HealthKind, timeout: Duration) -> bool {
+    match kind {
+        HealthKind::Tcp => matches!(
+            tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        ),
+        HealthKind::Http {
+            path,
+            expect_status,
+        } => {
+            matches!(tokio::time::timeout(timeout, get(addr, path, 0)).await, Ok(Ok((status, _))) if status == *expect_status)
+        }
+    }
+}
+
+/// A one-off `GET path` on a fresh connection (`Connection: close`): status and up to
+/// `limit` bytes of body.
+pub async fn get(addr: SocketAddr, path: &str, limit: usize) -> anyhow::Result<(u16, Bytes)> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let task = AbortOnDrop(tokio::spawn(conn));
+    let req = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::CONNECTION, "close")
+        .header(header::USER_AGENT, "lbwasm-health")
+        .body(Empty::<Bytes>::new())?;
+    let res = sender.send_request(req).await?;
+    let status = res.status().as_u16();
+    let body = if limit == 0 {
+        Bytes::new()
+    } else {
+        Limited::new(res.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes()
+    };
+    drop(task);
+    Ok((status, body))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The figures of a load report; other fields (`server`, `requests`...) are ignored.
+#[derive(Deserialize)]
+struct Report {
+    cpu_percent: Option<f32>,
+    memory_percent: Option<f32>,
+    connections: Option<u32>,
+}
+
+/// The load-report settings while `listener` should poll: the configuration allows it and
+/// either says always or the current plugin declares [`READS_LOAD`].
+fn polling(listener: &ListenerShared) -> Option<LoadReport> {
+    let lr = listener.settings.load().load_report.clone()?;
+    (lr.always || listener.plugin.load().description().contains(READS_LOAD)).then_some(lr)
+}
+
+/// Polls the backends' load endpoint until aborted, following reloads and plugin swaps
+/// (see [`polling`]). One snapshot is published per round in which a report arrived.
+pub async fn load_reports(listener: Arc<ListenerShared>) {
+    // Backends whose endpoint answered 404, by id: when to ask again, and the wait after.
+    let mut no_endpoint: HashMap<u32, (Instant, Duration)> = HashMap::new();
+    loop {
+        let Some(lr) = polling(&listener) else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let now = Instant::now();
+        let members: Vec<Arc<Backend>> = {
+            let all = listener.pool.members();
+            no_endpoint.retain(|id, _| all.iter().any(|b| b.id == *id));
+            all.into_iter()
+                .filter(|b| b.current_state().process_up)
+                .filter(|b| no_endpoint.get(&b.id).is_none_or(|(at, _)| *at <= now))
+                .collect()
+        };
+        let wait = lr
+            .interval
+            .clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let results = join_all(
+            members
+                .iter()
+                .map(|b| tokio::time::timeout(wait, get(b.addr, &lr.path, MAX_REPORT))),
+        )
+        .await;
+        let mut reports = Vec::with_capacity(members.len());
+        for (b, res) in members.iter().zip(results) {
+            let body = match res {
+                Ok(Ok((200, body))) => body,
+                Ok(Ok((404, _))) => {
+                    let backoff = match no_endpoint.get(&b.id) {
+                        Some((_, last)) => (*last * 2).min(NO_ENDPOINT_MAX),
+                        None => {
+                            tracing::warn!(listener = %listener.name, backend = %b.addr, path = %lr.path, "the backend has no load endpoint (404): asking again in 30 s, then ever less often (up to every 5 min); set [listener.load_report] path, or enabled = false");
+                            NO_ENDPOINT_FIRST
+                        }
+                    };
+                    no_endpoint.insert(b.id, (Instant::now() + backoff, backoff));
+                    continue;
+                }
+                _ => continue,
+            };
+            if no_endpoint.remove(&b.id).is_some() {
+                tracing::info!(listener = %listener.name, backend = %b.addr, "the backend's load endpoint answers again");
+            }
+            let Ok(r) = serde_json::from_slice::<Report>(&body) else {
+                tracing::debug!(listener = %listener.name, backend = %b.addr, "load report is not the expected JSON");
+                continue;
+            };
+            reports.push((
+                b,
+                LoadFigures {
+                    cpu_percent: r.cpu_percent.map(|v| v.clamp(0.0, 100.0)),
+                    memory_percent: r.memory_percent.map(|v| v.clamp(0.0, 100.0)),
+                    connections: r.connections,
+                    sampled_at_ms: clock_ms(),
+                },
+            ));
+        }
+        listener.pool.update(|changes| {
+            for (b, figures) in reports {
+                changes.state(b, |st| {
+                    st.report = Some(figures);
+                    st.report_samples += 1;
+                });
+            }
+        });
+        tokio::time::sleep(lr.interval).await;
+    }
+}
+
+/// Ejects `backend` after a failure streak; returns how long for, or none when it stays
+/// (already ejected, no longer a member, or the last healthy one).
+pub fn eject(
+    listener: &ListenerShared,
+    backend: &Arc<Backend>,
+    passive: &Passive,
+) -> Option<Duration> {
+    let pool: &Pool = &listener.pool;
+    let others = pool
+        .snapshot()
+        .infos()
+        .iter()
+        .filter(|i| i.healthy && i.id != backend.id)
+        .count();
+    if others == 0 || pool.find_id(backend.id).is_none() {
+        backend.clear_eject_request();
+        tracing::debug!(listener = %listener.name, backend = %backend.addr, "not ejecting: last healthy backend, or gone");
+        return None;
+    }
+    let now = Instant::now();
+    let length = pool.update_one(backend, |st| {
+        if st.ejected_until.is_some() {
+            return None;
+        }
+        if st
+            .readmitted_at
+            .is_some_and(|t| now.duration_since(t) > passive.max_ejection)
+        {
+            st.ejections = 0;
+        }
+        let length = passive
+            .base_ejection
+            .saturating_mul(1 << st.ejections.min(20))
+            .min(passive.max_ejection);
+        st.ejections += 1;
+        st.ejected_until = Some(now + length);
+        Some(length)
+    })?;
+    tracing::warn!(listener = %listener.name, backend = %backend.addr, id = backend.id, ejection_s = length.as_secs_f64(), "backend ejected after consecutive failures");
+    Some(length)
+}
+
+/// Ends an ejection (slow start, if configured, begins).
+pub fn readmit(listener: &ListenerShared, backend: &Arc<Backend>) {
+    listener.pool.update_one(backend, |st| {
+        let now = Instant::now();
+        st.ejected_until = None;
+        st.readmitted_at = Some(now);
+        st.warming_since = Some(now);
+    });
+    backend.clear_eject_request();
+    tracing::info!(listener = %listener.name, backend = %backend.addr, id = backend.id, "backend re-admitted after ejection");
+}
+
+/// Republishes the pool while a backend ramps up (slow start), until aborted.
+pub async fn slow_start(listener: Arc<ListenerShared>) {
+    loop {
+        let ramp = listener.pool.slow_start();
+        let step = (ramp / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tokio::time::sleep(step).await;
+        listener.pool.republish_warming();
+    }
+}

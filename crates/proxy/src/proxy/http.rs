@@ -1,0 +1,530 @@
+//! The HTTP data path: one client connection (HTTP/1.1, or HTTP/2 prior knowledge), and
+//! for each request: pick → forward → record, with failover.
+//!
+//! Failover: a connect failure, or a request that never left the proxy, is tried on another
+//! backend whatever its method (nothing was sent); an error or timeout after sending is
+//! retried only for idempotent methods with an empty body (the proxy keeps a copy of the
+//! head, never of a body). Every retry needs the listener's retry budget, excludes the
+//! backends already tried (`tried`, `RequestInfo.attempt`), and is bounded by
+//! `retry.attempts`. When no backend can serve, the answer is a one-line text: 502
+//! (connect or protocol error), 503 (no eligible backend, plugin refusal), 504 (timeout).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use http::header::HeaderValue;
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use lbwasm_http::{Fields, Framing, ReqHead, ResponseHead as BackendHead};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use super::Settings;
+use super::access_log::Pending;
+use super::activity::Activity;
+use super::body::ReqBody;
+use super::client::{BackendBody, BackendConn, ConnectError, SendError, SendErrorKind};
+use super::drain::Drain;
+use super::failover::{Attempt, AttemptError, Attempts, Exhausted, Retry};
+use super::h1::{self, Exchange};
+use super::headers;
+use super::local::{LocalListener, NoBackend};
+use super::response::{Blame, Reply, ResBody};
+use crate::pool::InFlight;
+use lbwasm_plugin_host::{Protocol, RequestInfo};
+
+/// Serves one client connection until it closes, goes idle for `timeouts.idle`, or the
+/// worker drains (then in-flight requests finish and the connection closes gracefully).
+/// HTTP/1.1 is the proxy's own server ([`super::h1`]); HTTP/2 (prior knowledge) is hyper's.
+pub(super) async fn serve(
+    local: Rc<LocalListener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: Rc<Drain>,
+) {
+    let idle = local.state().1.timeouts.idle;
+    // Boxed, as both protocols' states below: the task's own future stays a few words.
+    let detect = async {
+        tokio::select! {
+            // None: closed first, or silent for the idle timeout.
+            detected = tokio::time::timeout(idle, speaks_h2(&stream)) => detected.ok().flatten(),
+            () = drain.started() => None,
+        }
+    };
+    let Some(h2) = Box::pin(detect).await else {
+        return; // closed, silent, or the worker drains
+    };
+    let client = headers::client_value(peer.ip());
+    let ctx = Rc::new(ConnCtx {
+        local: local.clone(),
+        peer,
+        client,
+    });
+    // Each protocol's state in its own allocation, sized for that protocol: an idle
+    // HTTP/1.1 connection carries no room for an HTTP/2 one.
+    if h2 {
+        Box::pin(serve_h2(local, ctx, stream, peer, drain, idle)).await;
+    } else {
+        Box::pin(h1::serve(ctx, stream, drain, idle)).await;
+    }
+}
+
+/// Serves HTTP/2 (prior knowledge) on `stream` with hyper.
+async fn serve_h2(
+    local: Rc<LocalListener>,
+    ctx: Rc<ConnCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: Rc<Drain>,
+    idle: Duration,
+) {
+    let activity = Rc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            let busy = activity.begin();
+            async move {
+                let (parts, body) = req.into_parts();
+                // Streams run concurrently: each gets its own timer.
+                let mut reply = ctx
+                    .exchange(ReqHead::from_parts(parts), Some(ReqBody::H2(body)), None)
+                    .await;
+                reply.body.attach(busy);
+                Ok::<_, Infallible>(reply.into_response())
+            }
+        })
+    };
+    let conn = local.h2.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let expired = activity.expired(idle);
+    tokio::pin!(expired);
+    let draining = drain.started();
+    tokio::pin!(draining);
+    let mut closing = false;
+    let done = loop {
+        tokio::select! {
+            biased;
+            done = conn.as_mut() => break done,
+            () = &mut expired, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut draining, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    };
+    if let Err(error) = done {
+        tracing::debug!(listener = %local.shared.name, %peer, %error, "client connection ended with an error");
+    }
+}
+
+/// The HTTP/2 connection preface starts with `PRI`, a method no HTTP/1 request uses
+/// (RFC 9113 §3.4): the first two bytes tell h2 prior knowledge from HTTP/1.1. Peeked
+/// once per connection (hyper-util's `auto` builder would wrap every read instead).
+/// None: the client closed first.
+async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 2];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if buf[0] != b'P' => return Some(false),
+            Ok(2) => return Some(buf[1] == b'R'),
+            // Only "P" so far: wait for the next byte.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// One client connection, as its requests are forwarded.
+pub(super) struct ConnCtx {
+    local: Rc<LocalListener>,
+    peer: SocketAddr,
+    /// The client's address as an `X-Forwarded-For` element.
+    client: HeaderValue,
+}
+
+/// Why an attempt failed.
+enum Failure {
+    Connect(SocketAddr, ConnectError),
+    Exchange(SocketAddr, SendError),
+    Timeout(SocketAddr, Duration),
+    /// The client's request body failed (bad framing found mid-body, the client went
+    /// away): the client's fault, never the backend's.
+    ClientBody(String),
+    /// The request timed out while the proxy was waiting for the client's body.
+    ClientStall(Duration),
+}
+
+impl Failure {
+    /// The backend at fault; none when the client is.
+    fn backend(&self) -> Option<SocketAddr> {
+        match self {
+            Failure::Connect(a, _) | Failure::Exchange(a, _) | Failure::Timeout(a, _) => Some(*a),
+            Failure::ClientBody(_) | Failure::ClientStall(_) => None,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::Connect(_, ConnectError::Timeout(_)) | Failure::Timeout(..) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Failure::Connect(..) | Failure::Exchange(..) => StatusCode::BAD_GATEWAY,
+            Failure::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Failure::ClientStall(_) => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    fn response(&self) -> Reply {
+        Reply::text(self.status(), self.to_string())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(a, ConnectError::Timeout(d)) => {
+                write!(f, "backend {a} did not accept a connection within {d:?}")
+            }
+            Failure::Connect(a, e) => write!(f, "cannot connect to backend {a}: {e}"),
+            Failure::Exchange(a, e) => write!(f, "backend {a} failed before answering: {e}"),
+            Failure::Timeout(a, d) => write!(f, "backend {a} did not answer within {d:?}"),
+            Failure::ClientBody(why) => write!(f, "request body: {why}"),
+            Failure::ClientStall(d) => {
+                write!(f, "request body not received within {d:?}")
+            }
+        }
+    }
+}
+
+impl AttemptError for Failure {
+    fn retry(&self, replayable: bool) -> Retry {
+        match self {
+            Failure::Connect(..) => Retry::Elsewhere,
+            // Some of it went out: only a request that can go again as it is may.
+            Failure::Exchange(_, e) if e.sent && !replayable => Retry::Never,
+            // Nothing came back and no body bytes were used: nothing was acted on.
+            Failure::Exchange(_, e) if e.nothing_back && !e.body_used => Retry::Fresh,
+            Failure::Exchange(..) => Retry::Elsewhere,
+            Failure::Timeout(..) if replayable => Retry::Elsewhere,
+            // The client's own failures are never retried (nor counted against backends).
+            Failure::Timeout(..) | Failure::ClientBody(_) | Failure::ClientStall(_) => Retry::Never,
+        }
+    }
+}
+
+/// Runs `fut` for at most `limit` (None: it took longer). With `timer`, the timer of a
+/// connection that carries one request at a time, no timer is registered per request:
+/// the connection's is re-armed only when it fires early, as NGINX's lazy timers are (a
+/// registration and a removal per request measured ~1% of the proxy's CPU).
+async fn within<F: Future>(
+    limit: Duration,
+    fut: F,
+    timer: Option<Pin<&mut Sleep>>,
+) -> Option<F::Output> {
+    let Some(mut timer) = timer else {
+        return tokio::time::timeout(limit, fut).await.ok();
+    };
+    let due = tokio::time::Instant::now() + limit;
+    if timer.deadline() > due {
+        timer.as_mut().reset(due); // first use, or a shorter limit since a reload
+    }
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return Some(out),
+            () = timer.as_mut() => {
+                if tokio::time::Instant::now() >= due {
+                    return None;
+                }
+                timer.as_mut().reset(due);
+            }
+        }
+    }
+}
+
+/// Swaps the request's method, URI and fields with the plugin's view of them: called before
+/// and after a pick, it lends them without a copy.
+fn lend(head: &mut ReqHead, info: &mut RequestInfo) {
+    std::mem::swap(&mut head.method, &mut info.method);
+    std::mem::swap(&mut head.uri, &mut info.uri);
+    std::mem::swap(&mut head.fields, &mut info.headers);
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl Exchange for ConnCtx {
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Access-logged and counted like any other request.
+    fn refusal(&self, status: StatusCode, cause: String) -> Reply {
+        let mut res = Reply::text(status, cause);
+        let local = &self.local;
+        local
+            .metrics
+            .record(local.shared.index, None, status.as_u16(), Duration::ZERO);
+        local
+            .metrics
+            .refused(local.shared.index, refusal_reason(status));
+        let log = &local.log;
+        if log.enabled() {
+            let mut line = Pending::without_request(log, self.peer.ip(), Instant::now());
+            line.answered(status.as_u16(), None, 0);
+            res.body.log(line);
+        }
+        res
+    }
+
+    /// One request, forwarded, and recorded in the metrics (and the access log, when the
+    /// response ends). `upgrade`: the client asks to
+    /// switch protocols (HTTP/1.1 only); a `101` answer then carries the backend
+    /// connection in its body ([`ResBody::take_switch`]). `timer`: the connection's own
+    /// request timer, when it carries one request at a time (see [`within`]).
+    async fn exchange(
+        &self,
+        head: ReqHead,
+        body: Option<ReqBody>,
+        timer: Option<Pin<&mut Sleep>>,
+    ) -> Reply {
+        let start = Instant::now();
+        let local = &self.local;
+        let pending = local
+            .log
+            .enabled()
+            .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start));
+        let mut tries = 0;
+        let (mut res, backend, answered) = self.forward(head, body, start, timer, &mut tries).await;
+        let done = answered.unwrap_or_else(Instant::now);
+        local.metrics.record(
+            local.shared.index,
+            backend,
+            res.status.as_u16(),
+            done.saturating_duration_since(start),
+        );
+        if let Some(mut line) = pending {
+            line.answered(res.status.as_u16(), backend, tries);
+            res.body.log(line);
+        }
+        res
+    }
+}
+
+impl ConnCtx {
+    /// Forwards with failover; returns the response, the backend that answered or failed
+    /// last, and when the response head arrived (none for the proxy's own answers).
+    async fn forward(
+        &self,
+        mut head: ReqHead,
+        mut body: Option<ReqBody>,
+        arrived: Instant,
+        mut timer: Option<Pin<&mut Sleep>>,
+        tries: &mut usize,
+    ) -> (Reply, Option<SocketAddr>, Option<Instant>) {
+        let local = &self.local;
+        let (view, settings) = local.state();
+        // First: the key and the plugin see the request as the backend will (an
+        // absolute-form target's authority as its Host).
+        headers::prepare_request(&mut head);
+        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &head, self.peer.ip());
+        // `body` is taken by the first exchange that sends it. Sent and failed, the request
+        // may go again: the head is still here (the client only borrows it), and there is
+        // no body to have lost.
+        let replayable = !head.upgrade
+            && idempotent(&head.method)
+            && body.as_ref().is_none_or(ReqBody::is_end_stream);
+        let mut info = RequestInfo {
+            protocol: Protocol::Http,
+            client_ip: self.peer.ip(),
+            hash_key,
+            ..RequestInfo::default()
+        };
+        let mut attempts = Attempts::new(local, view, &settings, arrived, replayable);
+        let mut last: Option<Failure> = None;
+        loop {
+            // The plugin reads the request's method, URI and headers: lent, not copied.
+            lend(&mut head, &mut info);
+            let next = attempts.next(&mut info);
+            lend(&mut head, &mut info);
+            let mut attempt = match next {
+                Ok(a) => a,
+                Err(Exhausted::NoBackend(why)) => {
+                    let reply = Reply::text(StatusCode::SERVICE_UNAVAILABLE, why.message(local));
+                    return (reply, None, None);
+                }
+                Err(Exhausted::Failed) => break,
+            };
+            *tries = attempts.tries();
+            let sent = self
+                .attempt(
+                    &head,
+                    &mut body,
+                    &attempts,
+                    &attempt,
+                    &settings,
+                    timer.as_mut(),
+                )
+                .await;
+            let addr = attempt.backend().addr;
+            match sent {
+                Ok((res, framing, conn)) => {
+                    let at = Instant::now();
+                    let ok = !res.status.is_server_error();
+                    let body_follows = ok
+                        && res.status != StatusCode::SWITCHING_PROTOCOLS
+                        && !matches!(framing, Framing::Length(0, _));
+                    if body_follows {
+                        // Success or failure is the body's to tell.
+                        attempt.guard.answered_head(at);
+                    } else {
+                        attempts.answered(&mut attempt, ok, at);
+                    }
+                    let reply = self.respond(res, framing, conn, attempt.guard, &settings);
+                    return (reply, Some(addr), Some(at));
+                }
+                Err(failure) if failure.backend().is_none() => {
+                    // The client's doing: no retry, and nothing against the backend (the
+                    // guard goes without an outcome), its health, the budget or its latency.
+                    tracing::debug!(listener = %local.shared.name, peer = %self.peer, error = %failure, "client error");
+                    local
+                        .metrics
+                        .refused(local.shared.index, refusal_reason(failure.status()));
+                    return (failure.response(), None, None);
+                }
+                Err(failure) => {
+                    attempts.failed(attempt, &failure);
+                    last = Some(failure);
+                }
+            }
+        }
+        match last {
+            Some(f) => (f.response(), f.backend(), None),
+            None => {
+                let why = NoBackend::NoneHealthy.message(local);
+                let reply = Reply::text(StatusCode::SERVICE_UNAVAILABLE, why);
+                (reply, None, None)
+            }
+        }
+    }
+
+    /// One attempt's exchange with its backend, on a pooled connection if a clean one is
+    /// there. One the backend closed as the request went out ([`Retry::Fresh`]) answers
+    /// nothing: the request goes again on a new connection to the same backend.
+    async fn attempt(
+        &self,
+        head: &ReqHead,
+        body: &mut Option<ReqBody>,
+        attempts: &Attempts<'_>,
+        attempt: &Attempt,
+        settings: &Settings,
+        mut timer: Option<&mut Pin<&mut Sleep>>,
+    ) -> Result<(BackendHead, Framing, BackendConn), Failure> {
+        let backend = attempt.backend();
+        let timeouts = &settings.timeouts;
+        let head_only = head.method == Method::HEAD;
+        let mut fresh = false;
+        loop {
+            let conn = if fresh {
+                self.local
+                    .conns
+                    .connect(backend.addr, timeouts.connect)
+                    .await
+            } else {
+                let unasked = |bytes| attempts.unasked(backend, bytes);
+                let conns = &self.local.conns;
+                conns
+                    .get(backend.id, backend.addr, timeouts.connect, unasked)
+                    .await
+            };
+            let mut conn = conn.map_err(|e| Failure::Connect(backend.addr, e))?;
+            let sent = within(
+                timeouts.request,
+                conn.conn
+                    .send(head, &self.client, body, head_only, settings.via),
+                timer.as_mut().map(|t| t.as_mut()),
+            )
+            .await;
+            return match sent {
+                Some(Ok((res, framing))) => Ok((res, framing, conn.conn)),
+                Some(Err(SendError {
+                    kind: SendErrorKind::ClientBody(why),
+                    ..
+                })) => Err(Failure::ClientBody(why.to_string())),
+                None if conn.conn.waiting_on_client() => {
+                    Err(Failure::ClientStall(timeouts.request))
+                }
+                Some(Err(e)) => {
+                    let failure = Failure::Exchange(backend.addr, e);
+                    if conn.reused && !fresh && failure.retry(attempts.replayable()) == Retry::Fresh
+                    {
+                        fresh = true;
+                        continue;
+                    }
+                    Err(failure)
+                }
+                None => Err(Failure::Timeout(backend.addr, timeouts.request)),
+            };
+        }
+    }
+
+    /// The backend's response, fit for the client; a protocol switch the client asked for
+    /// (an unasked one never gets here) hands the backend connection over in the body.
+    fn respond(
+        &self,
+        head: BackendHead,
+        framing: Framing,
+        conn: BackendConn,
+        guard: InFlight,
+        settings: &Settings,
+    ) -> Reply {
+        // Hop-by-hop headers were left out as the head was parsed (Upgrade kept for a
+        // switch, whose `Connection: upgrade` the HTTP/1.1 server writes).
+        let body = if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            ResBody::switch(conn, guard)
+        } else {
+            let checkin = self.local.conns.checkin(guard.backend().id);
+            let body = BackendBody::new(conn, framing, checkin, settings.timeouts.idle);
+            // A body the backend cuts or stalls counts against it, as a failed head would.
+            let blame = Blame {
+                local: self.local.clone(),
+                passive: settings.passive.consecutive_failures,
+            };
+            ResBody::backend(body, guard, blame)
+        };
+        Reply {
+            status: head.status,
+            fields: Fields::Raw(head.fields),
+            body,
+        }
+    }
+}
+
+/// The `reason` label of a request the proxy refused itself, by the status it answered.
+pub(super) fn refusal_reason(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        405 => "method_not_allowed",
+        408 => "timeout",
+        413 => "too_large",
+        431 => "head_too_large",
+        501 => "not_implemented",
+        505 => "version_not_supported",
+        _ => "other",
+    }
+}

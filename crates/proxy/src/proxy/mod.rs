@@ -1,0 +1,162 @@
+//! The data path, top-down: listener → pick → forward → record.
+//!
+//! Worker model (NGINX/HAProxy style, to share nothing per request): N worker threads, each
+//! a tokio current-thread runtime with a `LocalSet`, its own `SO_REUSEPORT` socket per
+//! listener, its own plugin [`Selector`](lbwasm_plugin_host::Selector) per listener, its own
+//! keep-alive connections to the backends (its own HTTP/1.1 client), its
+//! own retry budget and metrics shard. What workers share is read-mostly: the pool snapshot,
+//! the plugin and the settings, each behind an `ArcSwap` that a worker caches and re-reads
+//! only when its pointer changes — which is how a plugin swap or a reload reaches them on
+//! their next request, with no lock and no failed request. The per-backend atomics of
+//! [`crate::pool`] (in-flight, latency) are the only per-request shared writes.
+//!
+//! - [`worker`]: threads, accept loops; [`drain`]: the drain on shutdown.
+//! - [`local`]: a listener as one worker sees it (cached snapshot, settings, selector).
+//! - [`failover`]: one request's or connection's attempts: pick, budget, retries, health.
+//! - [`http`]: client connections (HTTP/2 through hyper), forwarding an HTTP request.
+//! - [`h1`]: the proxy's own HTTP/1.1 server: request framing, responses, upgrades.
+//! - [`tcp`]: per-connection balancing of raw TCP; [`proxy_header`]: the PROXY protocol.
+//! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
+//! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
+//! - [`access_log`]: a line per request or connection, buffered per worker.
+//! - [`response`]: a response's lifecycle as it streams; [`body`]: request bodies;
+//!   [`activity`]: what an HTTP/2 connection's idle timeout watches.
+//! - [`headers`] (forwarding policy), [`budget`], [`sock`], [`date`]: the pieces the HTTP
+//!   path is made of. What HTTP/1.1 bytes mean is the codec's, [`lbwasm_http`].
+//!
+//! Health, load reports and managed processes are not here: they run on the control plane
+//! ([`crate::health`], [`crate::serve`]); workers only report failures to it ([`Event`]).
+
+mod access_log;
+mod activity;
+mod body;
+mod budget;
+mod client;
+mod date;
+mod drain;
+mod failover;
+mod h1;
+mod headers;
+mod http;
+mod local;
+mod proxy_header;
+mod response;
+mod sock;
+mod tcp;
+mod tunnel;
+mod worker;
+
+pub use access_log::{AccessLog, Prepared};
+pub use worker::{WorkerHandle, bind, spawn_workers};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::{
+    HashKey, HealthCheck, ListenerConfig, LoadReport, Passive, Protocol, ProxyProtocol, Retry,
+    Timeouts,
+};
+use crate::pool::{Backend, Pool};
+use lbwasm_plugin_host::Plugin;
+
+/// One listener as everything outside the workers sees it: the pool, the plugin and the
+/// settings, each swappable at run time.
+pub struct ListenerShared {
+    /// Position in the configuration (metrics shard slot).
+    pub index: usize,
+    /// Listener name (logs, metrics, 503 messages).
+    pub name: String,
+    /// HTTP or TCP; fixed for the listener's life.
+    pub protocol: Protocol,
+    /// The backends.
+    pub pool: Arc<Pool>,
+    /// The balancing plugin; storing a new one is a plugin swap.
+    pub plugin: Arc<ArcSwap<Plugin>>,
+    /// Timeouts, retries, hashing, health settings; storing new ones is a reload.
+    pub settings: Arc<ArcSwap<Settings>>,
+    /// Where requests are logged; reopened by a reload.
+    pub access_log: AccessLog,
+    events: UnboundedSender<Event>,
+}
+
+impl ListenerShared {
+    /// A listener over `pool` with `plugin`; workers send passive-health events to `events`.
+    /// Fails if the access log cannot be opened.
+    pub fn new(
+        index: usize,
+        config: &ListenerConfig,
+        pool: Arc<Pool>,
+        plugin: Arc<Plugin>,
+        events: UnboundedSender<Event>,
+    ) -> std::io::Result<Self> {
+        Ok(ListenerShared {
+            index,
+            name: config.name.clone(),
+            protocol: config.protocol,
+            pool,
+            plugin: Arc::new(ArcSwap::new(plugin)),
+            settings: Arc::new(ArcSwap::from_pointee(Settings::from_config(config))),
+            access_log: AccessLog::open(config.access_log.as_ref())?,
+            events,
+        })
+    }
+
+    /// Asks the control plane to eject `backend` (a streak of live failures).
+    pub(crate) fn eject(&self, backend: Arc<Backend>) {
+        let _ = self.events.send(Event::Eject {
+            listener: self.index,
+            backend,
+        });
+    }
+}
+
+/// What workers tell the control plane.
+#[derive(Debug)]
+pub enum Event {
+    /// `backend` failed `passive.consecutive_failures` attempts in a row.
+    Eject {
+        /// Listener index.
+        listener: usize,
+        /// The failing backend.
+        backend: Arc<Backend>,
+    },
+}
+
+/// The part of a listener's configuration that can change at run time (reload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Connect, request and idle timeouts.
+    pub timeouts: Timeouts,
+    /// Attempts and retry budget.
+    pub retry: Retry,
+    /// What hashing plugins hash.
+    pub hash_key: Option<HashKey>,
+    /// Passive ejection and slow start.
+    pub passive: Passive,
+    /// Active checks.
+    pub health: Option<HealthCheck>,
+    /// Load-report polling.
+    pub load_report: Option<LoadReport>,
+    /// TCP: the PROXY protocol header sent to backends.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// HTTP: add `Via` to requests.
+    pub via: bool,
+}
+
+impl Settings {
+    /// The run-time settings of a listener's configuration.
+    pub fn from_config(l: &ListenerConfig) -> Self {
+        Settings {
+            timeouts: l.timeouts,
+            retry: l.retry,
+            hash_key: l.hash_key.clone(),
+            passive: l.passive,
+            health: l.health.clone(),
+            load_report: l.load_report.clone(),
+            proxy_protocol: l.proxy_protocol,
+            via: l.via,
+        }
+    }
+}
