@@ -23,8 +23,16 @@ pub fn build(root: &Path, packages: &[String], watch: &[&str]) -> PathBuf {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=LBWASM_SKIP_PLUGIN_BUILD");
-    ensure_target();
     let target_dir = root.join("target").join("plugins");
+    {
+        // Two build scripts (built-ins, fixtures) run at once on a fresh machine: one
+        // `rustup target add` at a time, the second finds the target there.
+        std::fs::create_dir_all(&target_dir).expect("create target/plugins");
+        let lock = std::fs::File::create(target_dir.join(".target-add.lock"))
+            .expect("create target/plugins/.target-add.lock");
+        lock.lock().expect("lock target/plugins/.target-add.lock");
+        ensure_target();
+    }
     if env::var_os("LBWASM_SKIP_PLUGIN_BUILD").is_none() {
         build_plugins(root, &target_dir, packages);
     }
