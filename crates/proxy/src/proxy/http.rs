@@ -528,3 +528,49 @@ pub(super) fn refusal_reason(status: StatusCode) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(sent: bool, body_used: bool, nothing_back: bool) -> Failure {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let e = SendError {
+            kind: SendErrorKind::Closed,
+            sent,
+            body_used,
+            nothing_back,
+        };
+        Failure::Exchange(addr, e)
+    }
+
+    /// The retry table the failover loop obeys: a request goes again only where nothing
+    /// of it can have been acted on, or it can be sent again as it is.
+    #[test]
+    fn errors_decide_their_own_retry() {
+        // A pooled connection closed as the request went out: again, on a new connection.
+        assert_eq!(exchange(true, false, true).retry(true), Retry::Fresh);
+        assert_eq!(exchange(false, false, true).retry(false), Retry::Fresh);
+        // A POST that went out is never repeated, whatever came back.
+        assert_eq!(exchange(true, false, true).retry(false), Retry::Never);
+        assert_eq!(exchange(true, false, false).retry(false), Retry::Never);
+        // Something came back, or the body is gone: another backend, if replayable.
+        assert_eq!(exchange(true, false, false).retry(true), Retry::Elsewhere);
+        assert_eq!(exchange(true, true, true).retry(true), Retry::Elsewhere);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let timeout = Failure::Timeout(addr, Duration::from_secs(1));
+        assert_eq!(timeout.retry(true), Retry::Elsewhere);
+        assert_eq!(timeout.retry(false), Retry::Never);
+        let refused = ConnectError::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(
+            Failure::Connect(addr, refused).retry(false),
+            Retry::Elsewhere
+        );
+        // The client's own failures are never retried.
+        assert_eq!(Failure::ClientBody("cut".into()).retry(true), Retry::Never);
+        assert_eq!(
+            Failure::ClientStall(Duration::ZERO).retry(true),
+            Retry::Never
+        );
+    }
+}
