@@ -572,3 +572,201 @@ fn invalid_flags_are_errors_naming_the_flag() {
         .expect_err("space");
     assert!(err.to_string().contains("--id"), "{err}");
 }
+
+/// The figures of an ORCA `TEXT` report (the test's own reading of the format).
+fn orca_text(value: &str) -> (f64, f64) {
+    let rest = value.strip_prefix("TEXT ").expect("TEXT report");
+    let mut cpu = None;
+    let mut mem = None;
+    for item in rest.split(", ") {
+        let (name, v) = item.split_once('=').expect("name=value");
+        let v: f64 = v.parse().expect("number");
+        match name {
+            "cpu_utilization" => cpu = Some(v),
+            "mem_utilization" => mem = Some(v),
+            other => panic!("unexpected metric {other}"),
+        }
+    }
+    (cpu.expect("cpu"), mem.expect("mem"))
+}
+
+/// The figures of a base64 protobuf `OrcaLoadReport` (fields 1 and 2, doubles), as laid
+/// out on the wire: tag 0x09 then 8 bytes, tag 0x11 then 8 bytes (a zero CPU is omitted).
+fn orca_bin(b64: &str) -> (f64, f64) {
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).expect("base64");
+    let (mut cpu, mut mem) = (0.0, 0.0);
+    let mut rest = &bytes[..];
+    while let [tag, tail @ ..] = rest {
+        let (v, tail) = tail.split_first_chunk::<8>().expect("8-byte double");
+        match tag {
+            0x09 => cpu = f64::from_le_bytes(*v),
+            0x11 => mem = f64::from_le_bytes(*v),
+            other => panic!("unexpected tag {other:#x} in {bytes:?}"),
+        }
+        rest = tail;
+    }
+    (cpu, mem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orca_reports_ride_on_every_response_in_the_format_asked() {
+    use lbwasm::backend::OrcaFormat;
+    within(LIMIT, async {
+        let c = client();
+        for format in [OrcaFormat::Text, OrcaFormat::Json, OrcaFormat::Bin] {
+            let backend = spawn(BackendConfig {
+                orca: Some(format),
+                memory_mb: 8,
+                ..config()
+            })
+            .await
+            .expect("spawn");
+            let report = load(&c, backend.addr()).await;
+            for path in ["/", "/home", "/heartbeat", "/load"] {
+                let reply = get(&c, backend.addr(), path).await;
+                assert_eq!(reply.status, StatusCode::OK);
+                let value = reply
+                    .headers
+                    .get("endpoint-load-metrics")
+                    .unwrap_or_else(|| panic!("{format:?} {path}: no report"))
+                    .to_str()
+                    .expect("ascii")
+                    .to_string();
+                let (cpu, mem) = match format {
+                    OrcaFormat::Text => orca_text(&value),
+                    OrcaFormat::Json => {
+                        let json: serde_json::Value =
+                            serde_json::from_str(value.strip_prefix("JSON ").expect("JSON"))
+                                .expect("json");
+                        let keys: Vec<&String> = json.as_object().expect("object").keys().collect();
+                        assert_eq!(keys, ["cpu_utilization", "mem_utilization"], "{value}");
+                        (
+                            json["cpu_utilization"].as_f64().expect("cpu"),
+                            json["mem_utilization"].as_f64().expect("mem"),
+                        )
+                    }
+                    OrcaFormat::Bin => orca_bin(value.strip_prefix("BIN ").expect("BIN")),
+                };
+                // The /load figures as fractions (memory moves slowly; CPU is a fraction
+                // of one core and may exceed 1 only under CPU work, none here).
+                assert!(cpu >= 0.0 && cpu.is_finite(), "{value}");
+                let expected_mem = f64::from(report.memory_percent) / 100.0;
+                assert!(
+                    mem > 0.0 && (mem - expected_mem).abs() < 0.05,
+                    "{format:?}: mem {mem} vs /load {expected_mem}"
+                );
+            }
+            backend.shutdown().await;
+        }
+        // Off by default.
+        let plain = spawn(config()).await.expect("spawn");
+        let reply = get(&c, plain.addr(), "/").await;
+        assert!(reply.headers.get("endpoint-load-metrics").is_none());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_over_h2c_echo_with_trailers_and_health() {
+    use common::h2::{H2Conn, full, grpc_frame, grpc_frames, grpc_messages, grpc_request};
+    within(LIMIT, async {
+        let backend = spawn(BackendConfig {
+            orca: Some(lbwasm::backend::OrcaFormat::Text),
+            ..config()
+        })
+        .await
+        .expect("spawn");
+        let conn = H2Conn::connect(backend.addr()).await;
+
+        // A unary and a two-message call: the messages come back, then grpc-status 0 and,
+        // with --orca, the binary report as a trailer (never the text header).
+        for messages in [vec![&b"hello"[..]], vec![&b"one"[..], &b"two!"[..]]] {
+            let reply = conn
+                .call(grpc_request(
+                    &conn,
+                    "/echo.Echo/Say",
+                    full(grpc_frames(messages.iter().copied())),
+                ))
+                .await
+                .expect("call");
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(
+                reply.header("content-type").as_deref(),
+                Some("application/grpc")
+            );
+            assert_eq!(reply.header("x-served-by").as_deref(), Some("b1"));
+            assert_eq!(reply.header("endpoint-load-metrics"), None);
+            let got = grpc_messages(&reply.body);
+            assert_eq!(got.iter().map(|m| &m[..]).collect::<Vec<_>>(), messages);
+            assert_eq!(reply.trailer("grpc-status").as_deref(), Some("0"));
+            let (_, mem) = orca_bin(
+                &reply
+                    .trailer("endpoint-load-metrics-bin")
+                    .expect("ORCA trailer"),
+            );
+            assert!(mem > 0.0);
+        }
+
+        // The health check: SERVING, NOT_SERVING during an `error` fault.
+        let health = |conn: &H2Conn| {
+            let req = grpc_request(conn, "/grpc.health.v1.Health/Check", full(grpc_frame(b"")));
+            let conn = conn.clone();
+            async move { conn.call(req).await.expect("health call") }
+        };
+        let reply = health(&conn).await;
+        assert_eq!(reply.trailer("grpc-status").as_deref(), Some("0"));
+        assert_eq!(grpc_messages(&reply.body), [Bytes::from_static(&[0x08, 1])]);
+        backend.set_fault(Some(Fault::Error));
+        let reply = health(&conn).await;
+        assert_eq!(reply.trailer("grpc-status").as_deref(), Some("0"));
+        assert_eq!(grpc_messages(&reply.body), [Bytes::from_static(&[0x08, 2])]);
+
+        // A workload call during the fault: a Trailers-Only INTERNAL error.
+        let reply = conn
+            .call(grpc_request(
+                &conn,
+                "/echo.Echo/Say",
+                full(grpc_frame(b"x")),
+            ))
+            .await
+            .expect("call");
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.body.is_empty());
+        assert_eq!(reply.grpc("grpc-status").as_deref(), Some("13"));
+        backend.set_fault(None);
+
+        // Health checks are not workload requests; the three calls are.
+        assert_eq!(backend.stats().requests, 3);
+        assert_eq!(backend.stats().errors, 1);
+
+        // HTTP/1.1 still works on the same port.
+        let reply = get(&client(), backend.addr(), "/").await;
+        assert_eq!(reply.version, Version::HTTP_11);
+        assert_eq!(reply.text(), "GET / served by b1\n");
+    })
+    .await;
+}
+
+#[test]
+fn orca_flag() {
+    let cfg = parse(&["--orca", "json"])
+        .expect("parses")
+        .to_config()
+        .expect("config");
+    assert_eq!(cfg.orca, Some(lbwasm::backend::OrcaFormat::Json));
+    assert_eq!(
+        parse(&[])
+            .expect("parses")
+            .to_config()
+            .expect("config")
+            .orca,
+        None
+    );
+    assert!(parse(&["--orca", "xml"]).is_err());
+    let err = parse(&["--orca", "bin", "--tcp"])
+        .expect("parses")
+        .to_config()
+        .expect_err("orca with tcp");
+    assert!(err.to_string().contains("--orca"), "{err}");
+}

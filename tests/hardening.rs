@@ -25,7 +25,7 @@ use common::proxy::{backend_state, start_config};
 use common::within;
 use lbwasm::serve::Server;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -345,6 +345,16 @@ async fn echo_head_backend(count: Arc<AtomicUsize>) -> SocketAddr {
         async move {
             while let Some(head) = read_head(&mut s).await {
                 count.fetch_add(1, Ordering::Relaxed);
+                // Reads the body before answering, as a server that keeps the connection
+                // must: one that answers early and leaves the body unread would take the
+                // body for its next request.
+                if head
+                    .to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked")
+                    && !skip_chunked(&mut s).await
+                {
+                    return;
+                }
                 let reply = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}",
                     head.len()
@@ -356,6 +366,44 @@ async fn echo_head_backend(count: Arc<AtomicUsize>) -> SocketAddr {
         }
     })
     .await
+}
+
+/// Reads one line, through its LF; None when the peer closed first.
+async fn read_line(s: &mut TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&line).trim_end().to_owned())
+}
+
+/// Reads a chunked body through its trailers; false when it is cut or malformed.
+async fn skip_chunked(s: &mut TcpStream) -> bool {
+    loop {
+        let Some(line) = read_line(s).await else {
+            return false;
+        };
+        let Ok(size) = usize::from_str_radix(line.split(';').next().unwrap_or(""), 16) else {
+            return false;
+        };
+        if size == 0 {
+            loop {
+                match read_line(s).await {
+                    Some(l) if l.is_empty() => return true,
+                    Some(_) => {}
+                    None => return false,
+                }
+            }
+        }
+        let mut data = vec![0u8; size + 2];
+        if s.read_exact(&mut data).await.is_err() {
+            return false;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

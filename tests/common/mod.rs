@@ -6,6 +6,7 @@
 //!
 //! - [`process`]: the real `lbwasm` binary, started, read, signalled and reaped;
 //! - [`http`]: requests through a hyper client, or written byte for byte;
+//! - [`h2`]: h2c backends, one multiplexed client connection, gRPC framing;
 //! - [`backends`]: demo backends and hand-written test servers;
 //! - [`config`]: configuration text for an in-process [`lbwasm::serve::Server`];
 //! - [`proxy`]: an in-process proxy and its admin API;
@@ -17,6 +18,7 @@
 
 pub mod backends;
 pub mod config;
+pub mod h2;
 pub mod http;
 pub mod plugins;
 pub mod process;

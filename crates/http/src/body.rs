@@ -11,6 +11,8 @@ use crate::framing::{BodyFraming, Framing};
 /// Where a body's decoding stands.
 pub struct BodyDecoder {
     state: State,
+    /// A chunked body's trailer fields, once it is done (boxed: most bodies have none).
+    trailers: Option<Box<http::HeaderMap>>,
 }
 
 enum State {
@@ -45,7 +47,15 @@ impl BodyDecoder {
             State::Length(0) => State::Done,
             s => s,
         };
-        BodyDecoder { state }
+        BodyDecoder {
+            state,
+            trailers: None,
+        }
+    }
+
+    /// A chunked body's trailer fields, once it is done (taken; none if it had none).
+    pub fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        self.trailers.take().map(|t| *t)
     }
 
     /// Consumes what it can from the front of `buf`. The last bytes of a body with a
@@ -68,6 +78,7 @@ impl BodyDecoder {
             State::Chunked(decoder) => {
                 let step = decoder.decode(buf)?;
                 if step == Decoded::Done {
+                    self.trailers = decoder.take_trailers().map(Box::new);
                     self.state = State::Done;
                 }
                 Ok(step)

@@ -3,6 +3,7 @@
 //! uploads to backends alike), [`ChunkDecoder`] undoes it, strictly, in what it receives.
 
 use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Longest chunk-size line (with extensions) and trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -30,11 +31,12 @@ pub fn push_size_line(out: &mut Vec<u8>, len: usize) {
 }
 
 /// The chunked transfer coding, decoded in place (RFC 9112 §7.1): data comes out as slices
-/// of the read buffer; extensions and trailers are read and dropped (an HTTP/1.1 hop's
-/// trailers are not forwarded).
+/// of the read buffer; extensions are read and dropped, trailer fields kept for
+/// [`ChunkDecoder::take_trailers`] (less those a trailer section must not carry).
 #[derive(Clone, Default)]
 pub struct ChunkDecoder {
     state: ChunkState,
+    trailers: Option<HeaderMap>,
 }
 
 #[derive(Clone, Default)]
@@ -126,12 +128,20 @@ impl ChunkDecoder {
                     if field.is_empty() {
                         self.state = ChunkState::Done;
                     } else {
-                        trailer_field(field)?;
+                        let (name, value) = trailer_field(field)?;
+                        if !TRAILER_FORBIDDEN.contains(&name) {
+                            self.trailers.get_or_insert_default().append(name, value);
+                        }
                         self.state = ChunkState::Trailers(seen + line.len());
                     }
                 }
             }
         }
+    }
+
+    /// The trailer fields, once the body is done (none if it had none).
+    pub fn take_trailers(&mut self) -> Option<HeaderMap> {
+        self.trailers.take()
     }
 
     /// Checks the chunked bytes already at hand without consuming them: a request whose
@@ -140,6 +150,7 @@ impl ChunkDecoder {
     pub fn check(&self, bytes: &[u8]) -> Result<(), String> {
         let mut probe = ChunkDecoder {
             state: self.state.clone(),
+            trailers: None,
         };
         let mut buf = BytesMut::from(bytes);
         loop {
@@ -185,9 +196,19 @@ fn chunk_size(line: &[u8]) -> Result<u64, String> {
     Ok(size)
 }
 
+/// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, control.
+const TRAILER_FORBIDDEN: [HeaderName; 6] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::HOST,
+    header::TRAILER,
+    header::CONNECTION,
+    header::TE,
+];
+
 /// A trailer line must be a field line (`name: value`): a token, a colon, no control
 /// characters but HTAB, and no obsolete line folding.
-fn trailer_field(line: &[u8]) -> Result<(), String> {
+fn trailer_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), String> {
     let colon = line.iter().position(|&b| b == b':');
     let name = colon.map_or(line, |c| &line[..c]);
     let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
@@ -197,7 +218,10 @@ fn trailer_field(line: &[u8]) -> Result<(), String> {
     if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err("control character in a trailer field".into());
     }
-    Ok(())
+    let value = colon.map_or(&[][..], |c| &line[c + 1..]).trim_ascii();
+    let name = HeaderName::from_bytes(name).map_err(|_| "invalid trailer field".to_string())?;
+    let value = HeaderValue::from_bytes(value).map_err(|_| "invalid trailer field".to_string())?;
+    Ok((name, value))
 }
 
 #[cfg(test)]
@@ -233,6 +257,29 @@ mod tests {
             // What follows the body is left for whoever reads next.
             assert_eq!(&rest[..], &b"NEXT"[..rest.len()], "step {step}");
         }
+    }
+
+    #[test]
+    fn trailer_fields_are_kept_but_framing_ones() {
+        let mut d = ChunkDecoder::default();
+        let mut buf = BytesMut::from(
+            &b"1\r\na\r\n0\r\nGrpc-Status: 0\r\nContent-Length: 9\r\nX-A:  b \r\n\r\n"[..],
+        );
+        assert_eq!(
+            d.decode(&mut buf),
+            Ok(Decoded::Data(Bytes::from_static(b"a")))
+        );
+        assert_eq!(d.decode(&mut buf), Ok(Decoded::Done));
+        let t = d.take_trailers().expect("trailers");
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t["x-a"], "b");
+        assert!(d.take_trailers().is_none());
+        // No trailer section, no map.
+        let mut d = ChunkDecoder::default();
+        let mut buf = BytesMut::from(&b"0\r\n\r\n"[..]);
+        assert_eq!(d.decode(&mut buf), Ok(Decoded::Done));
+        assert!(d.take_trailers().is_none());
     }
 
     #[test]

@@ -46,14 +46,24 @@ fn hop_bit(name: &HeaderName) -> u8 {
 
 /// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`), which
 /// the proxy then passes through. `fields`: the request's raw (name, value) pairs.
+///
+/// An offer of `h2c` (RFC 7540 §3.2) is no switch to pass through: it upgrades the
+/// client's hop, whose `HTTP2-Settings` are for the proxy, not for a backend (which may not
+/// even speak HTTP/1.1). The proxy declines it the way RFC 9110 §7.8 lets a server, by
+/// answering in HTTP/1.1: `Upgrade` and `HTTP2-Settings` are dropped as hop-by-hop and the
+/// request is forwarded as a plain one. HTTP/2 clients use prior knowledge instead.
 pub fn wants_upgrade<'a>(
     version: Version,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
 ) -> bool {
+    let h2c = |v: &[u8]| {
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    };
     version == Version::HTTP_11
         && fields
             .clone()
-            .any(|(n, _)| n.eq_ignore_ascii_case(b"upgrade"))
+            .any(|(n, v)| n.eq_ignore_ascii_case(b"upgrade") && !h2c(v))
         && connection_has(
             fields
                 .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
@@ -145,12 +155,14 @@ impl HopByHop {
     /// [`MAX_CONNECTION_OPTIONS`] that are not the usual ones; more are refused), then each
     /// field is looked up among them.
     pub(crate) fn of(parsed: &[httparse::Header<'_>], keep_upgrade: bool) -> Result<Self, String> {
-        const FIXED: [&str; 5] = [
+        const FIXED: [&str; 6] = [
             "connection",
             "keep-alive",
             "te",
             "trailer",
             "transfer-encoding",
+            // The settings of an `h2c` upgrade offer: for this hop only (RFC 7540 §3.2.1).
+            "http2-settings",
         ];
         let mut listed: [&[u8]; MAX_CONNECTION_OPTIONS] = [&[]; MAX_CONNECTION_OPTIONS];
         let mut count = 0;

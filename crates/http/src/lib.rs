@@ -14,6 +14,7 @@
 //! - [`Framing`], [`BodyFraming`]: how bodies are delimited; [`BodyDecoder`] reads them.
 //! - [`ChunkDecoder`], [`push_size_line`]: the chunked coding.
 //! - [`strip_hop_by_hop`]: the fields that describe one connection only.
+//! - [`orca`]: ORCA in-band load reports (`endpoint-load-metrics`), parsed strictly.
 
 mod body;
 mod chunked;
@@ -21,6 +22,7 @@ pub mod fields;
 mod framing;
 mod head;
 mod hop;
+pub mod orca;
 mod request;
 mod response;
 #[cfg(any(test, feature = "testing"))]

@@ -33,19 +33,35 @@ pub struct ReqHead {
     pub fields: Fields,
     /// A protocol switch passed through: `Upgrade` is kept, `Connection: upgrade` sent.
     pub upgrade: bool,
+    /// The client takes trailers (`TE: trailers`, RFC 9110 §10.1.4): a hop-by-hop field,
+    /// left out of `fields`, but what it says decides whether trailers are sent to this
+    /// client and whether `te: trailers` goes on to an HTTP/2 backend.
+    pub trailers: bool,
 }
 
 impl ReqHead {
     /// A request head from hyper (HTTP/2).
     pub fn from_parts(parts: Parts) -> Self {
+        let trailers = parts
+            .headers
+            .get_all(http::header::TE)
+            .iter()
+            .any(|v| te_trailers(v.as_bytes()));
         ReqHead {
             method: parts.method,
             uri: parts.uri,
             version: parts.version,
             fields: Fields::Map(parts.headers),
             upgrade: false,
+            trailers,
         }
     }
+}
+
+/// Whether a `TE` value lists `trailers`.
+fn te_trailers(v: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// A parsed request head and what the connection needs to know about it.
@@ -153,6 +169,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<ParsedRequest>, Reject
             .next()
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     // A switch needs the connection free of a body.
+    let trailers = version == Version::HTTP_11 && all("te").any(te_trailers);
     let upgrade = body.is_none() && wants_upgrade(version, fields);
     let mut hop =
         HopByHop::of(req.headers, upgrade).map_err(|why| reject(StatusCode::BAD_REQUEST, why))?;
@@ -180,6 +197,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<ParsedRequest>, Reject
             version,
             fields: Fields::Raw(RawFields::new(head, hop.keep(spans))),
             upgrade,
+            trailers,
         },
         body,
         keep_alive,
@@ -308,6 +326,21 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(head.req.upgrade);
+        // An h2c offer is declined: a plain request, without `Upgrade` or its settings.
+        let head = parse(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nX-Kept: 1\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!head.req.upgrade);
+        let names: Vec<String> = head
+            .req
+            .fields
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).to_ascii_lowercase())
+            .collect();
+        assert_eq!(names, ["host", "x-kept"]);
         let head = parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n")
             .unwrap()
             .unwrap();

@@ -9,15 +9,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::file::{
-    FileAdmin, FileBackend, FileConfig, FileHealth, FileListener, FileLoadReport, FileManaged,
-    FilePassive, FileRetry, FileTimeouts, PluginOptions,
+    CheckType, FileAdmin, FileBackend, FileConfig, FileHealth, FileListener, FileLoadReport,
+    FileManaged, FilePassive, FileRetry, FileTimeouts, PluginOptions,
 };
 use super::leaf::{Leaf, NonEmpty, Raw};
 use super::value::{At, Origin, Table};
 use super::{
-    AccessLogTarget, AdminConfig, BackendConfig, Config, ConfigError, HashKey, HealthCheck,
-    HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol, Retry, Source,
-    Timeouts,
+    AccessLogTarget, AdminConfig, BackendConfig, BackendProtocol, Config, ConfigError, HashKey,
+    HealthCheck, HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol,
+    Retry, Source, Timeouts,
 };
 
 pub(super) fn config(file: &FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
@@ -264,6 +264,18 @@ fn listener(
          client's address in X-Forwarded-For",
     )?;
     s.refuse(
+        "backend_protocol",
+        &l.backend_protocol,
+        |p| tcp && *p != BackendProtocol::Http1,
+        "a tcp listener relays bytes; backend_protocol is for http listeners",
+    )?;
+    s.refuse(
+        "backend_protocol",
+        &l.backend_protocol,
+        |p| *p == BackendProtocol::H2,
+        "h2 (HTTP/2 over TLS) needs TLS to backends, which lbwasm does not have yet; use \"h2c\" for cleartext HTTP/2",
+    )?;
+    s.refuse(
         "via",
         &l.via,
         |on| *on && tcp,
@@ -275,7 +287,10 @@ fn listener(
     });
     let timeouts = s.sub("timeouts", &l.timeouts, |_, t| Ok(timeouts(t)))?;
     let retry = s.sub("retry", &l.retry, |_, r| Ok(retry(r)))?;
-    let health = s.sub("health", &l.health, |h, t| health(h, t, protocol))?;
+    let backend_protocol = value_or(&l.backend_protocol, BackendProtocol::Http1);
+    let health = s.sub("health", &l.health, |h, t| {
+        health(h, t, protocol, backend_protocol)
+    })?;
     let passive = s.sub("passive", &l.passive, passive)?;
     let load_report = s.sub("load_report", &l.load_report, |r, t| load_report(r, t, tcp))?;
 
@@ -301,6 +316,7 @@ fn listener(
         name,
         listen: listen.value,
         protocol,
+        backend_protocol,
         plugin,
         plugin_options: plugin_options.unwrap_or_default(),
         hash_key: l.hash_key.as_ref().map(|f| f.value.clone()),
@@ -387,7 +403,25 @@ fn retry(r: &FileRetry) -> Retry {
     }
 }
 
-fn health(s: &Scope<'_>, h: &FileHealth, protocol: Protocol) -> Result<HealthCheck, ConfigError> {
+fn health(
+    s: &Scope<'_>,
+    h: &FileHealth,
+    protocol: Protocol,
+    backend_protocol: BackendProtocol,
+) -> Result<HealthCheck, ConfigError> {
+    let grpc = value_or(&h.kind, CheckType::Http) == CheckType::Grpc;
+    s.refuse(
+        "type",
+        &h.kind,
+        |_| protocol == Protocol::Tcp,
+        "a tcp listener's health check is a TCP connect; remove `type`, or set protocol = \"http\"",
+    )?;
+    s.refuse(
+        "type",
+        &h.kind,
+        |t| *t == CheckType::Grpc && backend_protocol != BackendProtocol::H2c,
+        "gRPC runs over HTTP/2: a grpc check needs backend_protocol = \"h2c\"",
+    )?;
     s.refuse(
         "path",
         &h.path,
@@ -395,15 +429,49 @@ fn health(s: &Scope<'_>, h: &FileHealth, protocol: Protocol) -> Result<HealthChe
         "a tcp listener's health check is a TCP connect; remove `path`, or set protocol = \"http\"",
     )?;
     s.refuse(
+        "path",
+        &h.path,
+        |_| grpc,
+        "a grpc check calls /grpc.health.v1.Health/Check; remove `path` (name the service \
+         with grpc_service)",
+    )?;
+    s.refuse(
+        "expect_status",
+        &h.expect_status,
+        |_| grpc,
+        "a grpc check wants grpc-status 0 and SERVING; remove `expect_status`",
+    )?;
+    s.refuse(
         "expect_status",
         &h.expect_status,
         |_| h.path.is_none(),
         "needs `path`: without a path the check is a TCP connect",
     )?;
+    s.refuse(
+        "grpc_service",
+        &h.grpc_service,
+        |_| !grpc,
+        "only a grpc check names a service; add type = \"grpc\"",
+    )?;
+    if let Some(t) = &h.kind
+        && t.value == CheckType::Http
+        && h.path.is_none()
+    {
+        return Err(s.error(
+            "type",
+            &t.at,
+            "an http check needs `path` (e.g. path = \"/health\"); without `type` and `path` \
+             the check is a TCP connect",
+        ));
+    }
     let kind = match &h.path {
+        _ if grpc => HealthKind::Grpc {
+            service: value_or(&h.grpc_service, String::new()),
+        },
         Some(path) => HealthKind::Http {
             path: path.value.clone(),
             expect_status: value_or(&h.expect_status, 200),
+            http2: backend_protocol == BackendProtocol::H2c,
         },
         None => HealthKind::Tcp,
     };

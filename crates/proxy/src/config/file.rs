@@ -16,10 +16,12 @@ use serde_path_to_error::{Path as KeyPath, Segment};
 
 use super::leaf::{
     AdminHost, BackendAddr, Deadline, Int, ListenerName, NO_MAX, NonEmpty, OptionValue, Positive,
-    Raw, UrlPath,
+    Raw, Text, UrlPath,
 };
 use super::value::{At, DATETIME_KEY, Item, List, Origin, Table};
-use super::{AccessLogTarget, ConfigError, HashKey, Protocol, ProxyProtocol, Source};
+use super::{
+    AccessLogTarget, BackendProtocol, ConfigError, HashKey, Protocol, ProxyProtocol, Source,
+};
 
 /// The whole file.
 #[derive(Default, Deserialize)]
@@ -47,6 +49,7 @@ pub(super) struct FileListener {
     pub name: Option<At<ListenerName>>,
     pub listen: Option<At<SocketAddr>>,
     pub protocol: Option<At<Protocol>>,
+    pub backend_protocol: Option<At<BackendProtocol>>,
     pub plugin: Option<At<NonEmpty>>,
     pub plugin_options: Option<Table<PluginOptions>>,
     pub hash_key: Option<At<HashKey>>,
@@ -112,12 +115,38 @@ pub(super) struct FileRetry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileHealth {
+    #[serde(rename = "type")]
+    pub kind: Option<At<CheckType>>,
+    pub grpc_service: Option<At<String>>,
     pub path: Option<At<UrlPath>>,
     pub expect_status: Option<At<Int<u16, 100, 599>>>,
     pub interval: Option<At<Positive>>,
     pub timeout: Option<At<Positive>>,
     pub rise: Option<At<Int<u32, 1, NO_MAX>>>,
     pub fall: Option<At<Int<u32, 1, NO_MAX>>>,
+}
+
+/// `type` of `[listener.health]`: what the check speaks. The TCP connect is not a type of
+/// its own (it is what an http check without `path`, or any tcp listener's, does), so that
+/// configurations written before `type` existed keep their meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CheckType {
+    /// `GET path` (HTTP/1.1, or HTTP/2 when the pool speaks h2c).
+    Http,
+    /// `grpc.health.v1.Health/Check` over h2c.
+    Grpc,
+}
+
+impl Text for CheckType {
+    type Value = CheckType;
+    const WHAT: &'static str = "\"http\" or \"grpc\"";
+    fn parse(text: &str) -> Option<CheckType> {
+        match text {
+            "http" => Some(CheckType::Http),
+            "grpc" => Some(CheckType::Grpc),
+            _ => None,
+        }
+    }
 }
 
 /// `[listener.passive]`.

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// What the listener carries: http (default) or tcp.
     #[arg(long, value_name = "http|tcp")]
     pub protocol: Option<String>,
+    /// What an http listener speaks to its backends: http1 (default) or h2c (HTTP/2
+    /// without TLS, as gRPC servers do).
+    #[arg(long = "backend-protocol", value_name = "http1|h2c")]
+    pub backend_protocol: Option<String>,
     /// Admin endpoint address, on loopback (e.g. 127.0.0.1:9900).
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
@@ -103,6 +107,7 @@ impl ServeArgs {
             || self.plugin.is_some()
             || !self.plugin_opt.is_empty()
             || self.protocol.is_some()
+            || self.backend_protocol.is_some()
             || self.hash_key.is_some()
             || self.access_log.is_some()
     }
@@ -175,6 +180,11 @@ impl ServeArgs {
     fn overlay_listener(&self, listener: &mut FileListener) -> Result<(), ConfigError> {
         set(&mut listener.listen, "--listen", &self.listen)?;
         set(&mut listener.protocol, "--protocol", &self.protocol)?;
+        set(
+            &mut listener.backend_protocol,
+            "--backend-protocol",
+            &self.backend_protocol,
+        )?;
         if let Some(plugin) = &self.plugin
             && listener
                 .plugin

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{AccessLogTarget, HashKey, Protocol, ProxyProtocol};
+use super::{AccessLogTarget, BackendProtocol, HashKey, Protocol, ProxyProtocol};
 
 /// A kind of scalar: how a raw TOML value is checked and converted, on its own.
 pub(super) trait Leaf {
@@ -171,6 +171,19 @@ impl Text for Protocol {
         match text {
             "http" => Some(Protocol::Http),
             "tcp" => Some(Protocol::Tcp),
+            _ => None,
+        }
+    }
+}
+
+impl Text for BackendProtocol {
+    type Value = BackendProtocol;
+    const WHAT: &'static str = "\"http1\", \"h2c\" or \"h2\"";
+    fn parse(text: &str) -> Option<BackendProtocol> {
+        match text {
+            "http1" => Some(BackendProtocol::Http1),
+            "h2c" => Some(BackendProtocol::H2c),
+            "h2" => Some(BackendProtocol::H2),
             _ => None,
         }
     }

@@ -16,11 +16,11 @@
 //! ```toml
 //! workers = 0                          # 0 = one per CPU, less one (at least 1)
 //! [admin]                              # optional: listen, token, allow_remote, hosts
-//! [[listener]]                         # one or more: name, listen, protocol, plugin, hash_key
+//! [[listener]]                         # one or more: name, listen, protocol, backend_protocol, plugin, hash_key
 //! [listener.plugin_options]            # key = string | integer | float | boolean
 //! [listener.timeouts]                  # connect, request, idle ("2s", "500ms", "1m30s")
 //! [listener.retry]                     # attempts, budget_percent
-//! [listener.health]                    # optional active checks: path (else TCP), ...
+//! [listener.health]                    # optional active checks: type (http|grpc), path (else TCP), grpc_service, ...
 //! [listener.passive]                   # consecutive_failures, base/max_ejection, slow_start
 //! [listener.load_report]               # enabled (default: when the plugin reads load), path, interval
 //! [[listener.backend]]                 # address, weight, max_connections
@@ -98,6 +98,8 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// Default HTTP.
     pub protocol: Protocol,
+    /// What an HTTP listener speaks to its backends; default HTTP/1.1.
+    pub backend_protocol: BackendProtocol,
     /// The balancing algorithm.
     pub plugin: PluginRef,
     /// Passed to the plugin's `configure`, in file order, flags last; numbers and booleans
@@ -165,6 +167,29 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+/// What an HTTP listener speaks to its backends (`backend_protocol`, `--backend-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BackendProtocol {
+    /// HTTP/1.1, one request at a time per pooled connection.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP (prior knowledge): many requests per connection, each
+    /// balanced on its own; what gRPC backends speak.
+    H2c,
+    /// HTTP/2 over TLS, negotiated by ALPN: needs TLS to backends, refused until it lands.
+    H2,
+}
+
+impl fmt::Display for BackendProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendProtocol::Http1 => "http1",
+            BackendProtocol::H2c => "h2c",
+            BackendProtocol::H2 => "h2",
         })
     }
 }
@@ -262,7 +287,8 @@ pub struct HealthCheck {
     pub fall: u32,
 }
 
-/// How a health check probes a backend.
+/// How a health check probes a backend (`[listener.health] type`, `path`): in the
+/// protocol the pool speaks, since an h2c-only backend (a gRPC server) answers nothing else.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HealthKind {
     /// `GET path`, healthy when the status is `expect_status` (default 200).
@@ -271,6 +297,15 @@ pub enum HealthKind {
         path: String,
         /// 100..=599.
         expect_status: u16,
+        /// Sent over HTTP/2 with prior knowledge: the listener's `backend_protocol` is h2c.
+        http2: bool,
+    },
+    /// `type = "grpc"`: the standard gRPC health check (`grpc.health.v1.Health/Check`)
+    /// over h2c; healthy when the call succeeds (`grpc-status` 0) and answers `SERVING`.
+    /// Only with `backend_protocol = "h2c"`: gRPC needs HTTP/2.
+    Grpc {
+        /// `HealthCheckRequest.service`: "" (the default) asks about the server as a whole.
+        service: String,
     },
     /// A TCP connect; chosen when `path` is absent, and the only check for TCP listeners.
     Tcp,

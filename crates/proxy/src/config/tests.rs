@@ -198,7 +198,8 @@ fn values_are_converted() {
         health.kind,
         HealthKind::Http {
             path: "/heartbeat".into(),
-            expect_status: 200
+            expect_status: 200,
+            http2: false,
         }
     );
     assert_eq!(
@@ -303,7 +304,7 @@ fn unknown_keys() {
     assert_eq!(
         e,
         "lbwasm.toml:6: listener[0].helth: unknown key (expected one of: name, listen, \
-         protocol, plugin, plugin_options, hash_key, access_log, proxy_protocol, via, \
+         protocol, backend_protocol, plugin, plugin_options, hash_key, access_log, proxy_protocol, via, \
          timeouts, retry, health, passive, load_report, backend, managed)"
     );
     let mut lines = BASE.to_vec();
@@ -565,6 +566,124 @@ fn protocol_conflicts() {
         error(&lines),
         "lbwasm.toml:3: listener[0].hash_key: a tcp listener has no headers, cookies or \
          paths; it can only hash on \"client-ip\""
+    );
+}
+
+#[test]
+fn health_checks_speak_the_pools_protocol() {
+    let h2c = |extra: &[&'static str]| {
+        let mut lines = base_with(extra);
+        lines.insert(1, "backend_protocol = \"h2c\"");
+        parse(&lines)
+    };
+    let kind = |config: Config| config.listeners[0].health.clone().expect("health").kind;
+    assert_eq!(
+        kind(h2c(&["[listener.health]", "path = \"/healthz\""]).expect("valid")),
+        HealthKind::Http {
+            path: "/healthz".into(),
+            expect_status: 200,
+            http2: true,
+        }
+    );
+    assert_eq!(
+        kind(h2c(&["[listener.health]", "type = \"grpc\""]).expect("valid")),
+        HealthKind::Grpc {
+            service: String::new()
+        }
+    );
+    assert_eq!(
+        kind(
+            h2c(&[
+                "[listener.health]",
+                "type = \"grpc\"",
+                "grpc_service = \"echo.Echo\""
+            ])
+            .expect("valid")
+        ),
+        HealthKind::Grpc {
+            service: "echo.Echo".into()
+        }
+    );
+    assert_eq!(
+        kind(
+            parse(&base_with(&[
+                "[listener.health]",
+                "type = \"http\"",
+                "path = \"/\""
+            ]))
+            .expect("valid")
+        ),
+        HealthKind::Http {
+            path: "/".into(),
+            expect_status: 200,
+            http2: false,
+        }
+    );
+    // No type and no path: a TCP connect, as before `type` existed, whatever the protocol.
+    assert_eq!(
+        kind(h2c(&["[listener.health]"]).expect("valid")),
+        HealthKind::Tcp
+    );
+}
+
+#[test]
+fn health_check_type_errors() {
+    let h2c = |extra: &[&'static str]| {
+        let mut lines = base_with(extra);
+        lines.insert(1, "backend_protocol = \"h2c\"");
+        error(&lines)
+    };
+    assert_eq!(
+        error(&base_with(&["[listener.health]", "type = \"grpc\""])),
+        "lbwasm.toml:7: listener[0].health.type: gRPC runs over HTTP/2: a grpc check needs \
+         backend_protocol = \"h2c\""
+    );
+    assert_eq!(
+        error(&base_with(&["[listener.health]", "type = \"tcp\""])),
+        "lbwasm.toml:7: listener[0].health.type: expected \"http\" or \"grpc\", got \"tcp\""
+    );
+    assert_eq!(
+        error(&base_with(&["[listener.health]", "type = 1"])),
+        "lbwasm.toml:7: listener[0].health.type: expected a string, got 1"
+    );
+    assert_eq!(
+        h2c(&["[listener.health]", "type = \"grpc\"", "path = \"/x\""]),
+        "lbwasm.toml:9: listener[0].health.path: a grpc check calls \
+         /grpc.health.v1.Health/Check; remove `path` (name the service with grpc_service)"
+    );
+    assert_eq!(
+        h2c(&[
+            "[listener.health]",
+            "type = \"grpc\"",
+            "expect_status = 200"
+        ]),
+        "lbwasm.toml:9: listener[0].health.expect_status: a grpc check wants grpc-status 0 \
+         and SERVING; remove `expect_status`"
+    );
+    assert_eq!(
+        h2c(&["[listener.health]", "path = \"/\"", "grpc_service = \"x\""]),
+        "lbwasm.toml:9: listener[0].health.grpc_service: only a grpc check names a service; \
+         add type = \"grpc\""
+    );
+    assert_eq!(
+        error(&base_with(&["[listener.health]", "type = \"http\""])),
+        "lbwasm.toml:7: listener[0].health.type: an http check needs `path` (e.g. path = \
+         \"/health\"); without `type` and `path` the check is a TCP connect"
+    );
+    let mut lines = base_with(&["[listener.health]", "type = \"grpc\""]);
+    lines.insert(1, "protocol = \"tcp\"");
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:8: listener[0].health.type: a tcp listener's health check is a TCP \
+         connect; remove `type`, or set protocol = \"http\""
+    );
+    let e = error(&base_with(&["[listener.health]", "grpc_servcie = \"x\""]));
+    assert!(
+        e.starts_with(
+            "lbwasm.toml:7: listener[0].health.grpc_servcie: unknown key (expected one of: \
+             type, grpc_service, path,"
+        ),
+        "{e}"
     );
 }
 

@@ -49,7 +49,14 @@ struct ListenerShard {
     /// (reason, count): requests the proxy refused itself, or that failed by the client's
     /// doing; a handful of reasons.
     refused: Vec<(&'static str, u64)>,
+    /// In-band load reports (ORCA) on backend responses: [taken, refused as malformed].
+    load_reports: [u64; 2],
+    /// gRPC calls by `grpc-status` (0..=16; 17: a value outside the spec's codes).
+    grpc: [u64; GRPC_CODES + 1],
 }
+
+/// gRPC's status codes, OK (0) to UNAUTHENTICATED (16).
+const GRPC_CODES: usize = 17;
 
 /// What the scrape reads of a listener besides the shards.
 pub struct ListenerStatus<'a> {
@@ -107,6 +114,12 @@ impl Metrics {
             total.sum_seconds += s.sum_seconds;
             total.count += s.count;
             total.retries += s.retries;
+            for (t, n) in total.load_reports.iter_mut().zip(s.load_reports) {
+                *t += n;
+            }
+            for (t, n) in total.grpc.iter_mut().zip(s.grpc) {
+                *t += n;
+            }
             for &(reason, n) in &s.refused {
                 match total.refused.iter_mut().find(|(r, _)| *r == reason) {
                     Some(e) => e.1 += n,
@@ -207,6 +220,43 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "lbwasm_requests_refused_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
+                    esc(st.name),
+                );
+            }
+        }
+        header(
+            &mut out,
+            "lbwasm_load_reports_total",
+            "counter",
+            "Load reports received from backends, by source (inband: ORCA endpoint-load-metrics \
+             on responses) and result (ok: taken; invalid: malformed, ignored).",
+        );
+        for (st, sum) in status.iter().zip(&sums) {
+            for (result, n) in ["ok", "invalid"].iter().zip(sum.load_reports) {
+                let _ = writeln!(
+                    out,
+                    "lbwasm_load_reports_total{{listener=\"{}\",source=\"inband\",result=\"{result}\"}} {n}",
+                    esc(st.name),
+                );
+            }
+        }
+        header(
+            &mut out,
+            "lbwasm_grpc_calls_total",
+            "counter",
+            "gRPC calls answered, by grpc-status (from the backend's trailers, or the proxy's \
+             own Trailers-Only answer; \"other\": a code outside 0-16).",
+        );
+        for (st, sum) in status.iter().zip(&sums) {
+            for (code, n) in sum.grpc.iter().enumerate().filter(|(_, n)| **n > 0) {
+                let label = if code < GRPC_CODES {
+                    code.to_string()
+                } else {
+                    "other".to_owned()
+                };
+                let _ = writeln!(
+                    out,
+                    "lbwasm_grpc_calls_total{{listener=\"{}\",grpc_status=\"{label}\"}} {n}",
                     esc(st.name),
                 );
             }
@@ -402,6 +452,25 @@ impl WorkerShard {
         }
     }
 
+    /// Counts an in-band load report on a backend response: `ok`, or malformed (ignored).
+    pub fn load_report(&self, listener: usize, ok: bool) {
+        if let Some(slot) = self.listeners.get(listener) {
+            slot.lock().unwrap_or_else(|e| e.into_inner()).load_reports[usize::from(!ok)] += 1;
+        }
+    }
+
+    /// Counts a gRPC call that ended with `grpc-status` `code` (its text, as it came).
+    pub fn grpc_status(&self, listener: usize, code: &[u8]) {
+        let code = std::str::from_utf8(code)
+            .ok()
+            .and_then(|c| c.parse::<usize>().ok())
+            .filter(|c| *c < GRPC_CODES)
+            .unwrap_or(GRPC_CODES);
+        if let Some(slot) = self.listeners.get(listener) {
+            slot.lock().unwrap_or_else(|e| e.into_inner()).grpc[code] += 1;
+        }
+    }
+
     /// Counts a retry.
     pub fn retry(&self, listener: usize) {
         if let Some(slot) = self.listeners.get(listener) {
@@ -424,7 +493,11 @@ mod tests {
         b.record(0, Some(be), 200, Duration::from_millis(3));
         b.record(0, None, 503, Duration::from_micros(10));
         a.retry(0);
+        a.load_report(0, true);
+        b.load_report(0, true);
+        b.load_report(0, false);
         let s = m.sum(0);
+        assert_eq!(s.load_reports, [2, 1]);
         assert_eq!(s.requests, vec![(None, 503, 1), (Some(be), 200, 2)]);
         assert_eq!(s.count, 3);
         assert_eq!(s.buckets[0], 2);

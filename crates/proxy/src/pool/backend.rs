@@ -48,6 +48,44 @@ pub struct Backend {
     shards: [Shard; SHARDS],
     /// Passive ejection: written on failures only.
     streak: Streak,
+    /// The latest in-band (ORCA) figures, until the publisher takes them.
+    inband: Inband,
+}
+
+/// In-band load figures as the workers leave them for the publisher
+/// ([`crate::health::inband_reports`]): CPU % and memory % packed in one atomic (so a
+/// reader never sees one report's CPU with another's memory), and whether a report came
+/// since the publisher last looked. A worker writes only what changed: a backend repeating
+/// the same figures costs loads, no stores, no cache line moved between cores.
+#[repr(align(64))]
+#[derive(Debug)]
+struct Inband {
+    /// CPU % f32 bits in the high half, memory % in the low half; [`NO_FIGURE`] = none.
+    figures: AtomicU64,
+    /// A report arrived since [`Backend::take_inband`] last looked.
+    fresh: AtomicBool,
+}
+
+/// The bits of a figure not reported: a NaN, which a report never holds (refused).
+const NO_FIGURE: u32 = u32::MAX;
+
+impl Default for Inband {
+    fn default() -> Self {
+        Inband {
+            figures: AtomicU64::new(pack(None, None)),
+            fresh: AtomicBool::new(false),
+        }
+    }
+}
+
+fn pack(cpu: Option<f32>, memory: Option<f32>) -> u64 {
+    let bits = |v: Option<f32>| v.map_or(NO_FIGURE, f32::to_bits);
+    u64::from(bits(cpu)) << 32 | u64::from(bits(memory))
+}
+
+fn unpack(packed: u64) -> (Option<f32>, Option<f32>) {
+    let figure = |bits: u32| (bits != NO_FIGURE).then(|| f32::from_bits(bits));
+    (figure((packed >> 32) as u32), figure(packed as u32))
 }
 
 /// Copies of a backend's per-request figures: more than the workers of a typical box, few
@@ -180,6 +218,7 @@ impl Backend {
             state: Mutex::new(BackendState::default()),
             shards: Default::default(),
             streak: Streak::default(),
+            inband: Inband::default(),
         })
     }
 
@@ -341,6 +380,34 @@ impl Backend {
     /// true when it should be ejected, as [`InFlight::finish`] does.
     pub fn failed_unasked(&self, eject_after: u32) -> bool {
         self.fail(&self.shards[shard()], eject_after)
+    }
+
+    /// Records an in-band load report (ORCA, on a response) of CPU % and memory %, each
+    /// 0..=100 or not reported. Called by the workers for every response that carries one,
+    /// so it is lock-free and allocates nothing; the control plane publishes the latest
+    /// figures at most every 50 ms ([`crate::health::inband_reports`]), as one snapshot for
+    /// the whole pool. A report naming neither figure should not be recorded: it would erase
+    /// the polled ones.
+    pub fn report_inband(&self, cpu_percent: Option<f32>, memory_percent: Option<f32>) {
+        let clamp = |v: Option<f32>| v.filter(|v| !v.is_nan()).map(|v| v.clamp(0.0, 100.0));
+        let packed = pack(clamp(cpu_percent), clamp(memory_percent));
+        let inband = &self.inband;
+        if inband.figures.load(Ordering::Relaxed) != packed {
+            inband.figures.store(packed, Ordering::Relaxed);
+        }
+        if !inband.fresh.load(Ordering::Relaxed) {
+            inband.fresh.store(true, Ordering::Release);
+        }
+    }
+
+    /// The latest in-band figures (CPU %, memory %) if a report came since the last call;
+    /// for the publisher, the only caller.
+    pub fn take_inband(&self) -> Option<(Option<f32>, Option<f32>)> {
+        let inband = &self.inband;
+        if !inband.fresh.load(Ordering::Relaxed) || !inband.fresh.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        Some(unpack(inband.figures.load(Ordering::Relaxed)))
     }
 
     /// The control plane decided about an ejection request (done or refused): the next
@@ -572,6 +639,31 @@ mod tests {
         assert_eq!(b.in_flight(), 0);
         let window = b.take_latency_window().unwrap();
         assert_eq!(window.len(), 2);
+    }
+
+    #[test]
+    fn inband_figures_are_taken_once_and_keep_none_apart_from_zero() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, 0);
+        assert_eq!(b.take_inband(), None, "nothing reported yet");
+        b.report_inband(Some(95.0), None);
+        b.report_inband(Some(40.0), Some(0.0));
+        assert_eq!(
+            b.take_inband(),
+            Some((Some(40.0), Some(0.0))),
+            "the latest wins"
+        );
+        assert_eq!(b.take_inband(), None, "taken once");
+        b.report_inband(Some(250.0), Some(-1.0));
+        assert_eq!(
+            b.take_inband(),
+            Some((Some(100.0), Some(0.0))),
+            "clamped to 0..=100"
+        );
+        // Another thread's report is seen here.
+        std::thread::scope(|s| {
+            s.spawn(|| b.report_inband(None, Some(12.5)));
+        });
+        assert_eq!(b.take_inband(), Some((None, Some(12.5))));
     }
 
     #[test]

@@ -188,7 +188,10 @@ impl Body for ClientBody {
                     }
                     Ok(Decoded::Done) => {
                         this.io.body_done.set(true);
-                        return Poll::Ready(None);
+                        // Trailers go on where the next hop has room for them (HTTP/2).
+                        return Poll::Ready(
+                            this.decoder.take_trailers().map(Frame::trailers).map(Ok),
+                        );
                     }
                     Ok(Decoded::More) => {}
                     Err(why) => {

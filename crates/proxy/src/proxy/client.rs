@@ -42,8 +42,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
 use super::body::{BoxError, ReqBody};
+use super::h2c::H2Pool;
 use super::headers;
-use super::sock::{self, write_all};
+use super::sock::{self, ConnectError, write_all};
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
@@ -58,10 +59,12 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Read buffer growth step while a body streams.
 const BODY_READ: usize = 16 * 1024;
 
-/// One worker's idle connections, by backend id.
+/// One worker's connections to backends, by backend id: idle HTTP/1.1 ones, and the
+/// HTTP/2 ones that carry many requests at once.
 #[derive(Default)]
 pub(crate) struct ConnPool {
     idle: RefCell<HashMap<u32, Vec<Idle>>>,
+    pub(crate) h2: H2Pool,
 }
 
 struct Idle {
@@ -87,24 +90,6 @@ impl Checkin {
     /// Puts `conn` back for the next request to the same backend.
     pub(crate) fn release(self, conn: BackendConn) {
         self.pool.put(self.backend, conn);
-    }
-}
-
-/// Why no connection could be had.
-#[derive(Debug)]
-pub(crate) enum ConnectError {
-    /// The TCP connect failed (refused, unreachable...).
-    Io(io::Error),
-    /// The TCP connect took longer than the connect timeout.
-    Timeout(Duration),
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Io(e) => write!(f, "{e}"),
-            ConnectError::Timeout(d) => write!(f, "no connection within {d:?}"),
-        }
     }
 }
 
@@ -149,12 +134,7 @@ impl ConnPool {
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Err(_) => return Err(ConnectError::Timeout(connect_timeout)),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = sock::connect(addr, connect_timeout).await?;
         Ok(Conn {
             conn: BackendConn {
                 stream: Rc::new(stream),
@@ -162,6 +142,7 @@ impl ConnPool {
                 out: Vec::new(),
                 upload: None,
                 upload_task: None,
+                answered_early: false,
                 upload_state: Rc::new(Cell::new(Upload::Moving)),
             },
             reused: false,
@@ -192,6 +173,7 @@ impl ConnPool {
     /// Closes idle connections that are stale, that their backend closed or that carry
     /// bytes nobody asked for, and forgets the lists of backends that are gone.
     pub(crate) fn sweep(&self) {
+        self.h2.sweep();
         let now = Instant::now();
         self.idle.borrow_mut().retain(|backend, list| {
             list.retain(|c| {
@@ -227,6 +209,12 @@ pub(crate) struct BackendConn {
     /// The upload's task, stopped with the connection: a backend that answered early and
     /// stopped reading must not keep the client's body flowing into nowhere.
     upload_task: Option<AbortOnDrop>,
+    /// The backend answered before all of the request body had gone up. What it does with
+    /// the rest is unknown (a server that answers early may parse it as the next request),
+    /// so the connection is not reused. Stricter than NGINX, which only checks that the
+    /// body was all sent by the response's end (`request_body_sent`): a body that finishes
+    /// going up during the response is just as unread by a server that answered early.
+    answered_early: bool,
     /// Where the upload of a request body stands: waiting for the client's next bytes, or
     /// failed by the client, a backend that waits too is not at fault.
     upload_state: Rc<Cell<Upload>>,
@@ -358,6 +346,7 @@ impl BackendConn {
         }
         self.upload = None;
         self.upload_task = None;
+        self.answered_early = false;
         let mut uploading = None;
         if !bodyless && let Some(mut body) = body.take() {
             body.start();
@@ -424,15 +413,26 @@ impl BackendConn {
                 continue;
             }
             // Answered before all of the body went up: it goes on going up while the
-            // response comes down.
+            // response comes down, and the connection closes after it.
+            self.answered_early = match uploading.as_mut().map(|rx| rx.try_recv()) {
+                None => false,
+                Some(Ok(Ok(()))) => {
+                    uploading = None;
+                    false
+                }
+                Some(_) => true,
+            };
             self.upload = uploading;
             return Ok((head, framing));
         }
     }
 
-    /// Whether the connection can carry another request: no upload still running or
-    /// failed, nothing unread, nobody else holding the socket.
+    /// Whether the connection can carry another request: the response came after all of
+    /// the request body, nothing unread, nobody else holding the socket.
     pub(crate) fn reusable(&mut self) -> bool {
+        if self.answered_early {
+            return false;
+        }
         if let Some(rx) = self.upload.as_mut() {
             match rx.try_recv() {
                 Ok(Ok(())) => {

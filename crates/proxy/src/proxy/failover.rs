@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Settings;
-use super::client::ConnectError;
 use super::local::{LocalListener, LocalView, NoBackend};
+use super::sock::ConnectError;
 use crate::pool::{Backend, InFlight};
 use lbwasm_plugin_host::RequestInfo;
 

@@ -24,7 +24,7 @@ use http_body::Body;
 use http_body_util::BodyExt as _;
 use lbwasm_http::{
     BodyFraming, CHUNK_END, ChunkDecoder, LAST_CHUNK, MAX_HEAD, ParsedRequest, Reject, ReqHead,
-    ResponseFraming, parse_request, push_size_line, reject, write_response_head,
+    ResponseFraming, parse_request, push_field, push_size_line, reject, write_response_head,
 };
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -106,7 +106,7 @@ pub(super) async fn serve(
 async fn refuse(ctx: &impl Exchange, io: &ClientIo, status: StatusCode, why: String) {
     let res = ctx.refusal(status, why);
     let mut out = Vec::new();
-    let _ = write_response(io, &mut out, res, false, Version::HTTP_11, true).await;
+    let _ = write_response(io, &mut out, res, false, Version::HTTP_11, true, false).await;
     linger(io).await;
 }
 
@@ -128,6 +128,7 @@ async fn exchange(
     } = head;
     let head_only = req.method == Method::HEAD;
     let version = req.version;
+    let trailers = req.trailers;
     io.responded.set(false);
     io.body_done.set(body.is_none());
     let body =
@@ -137,7 +138,7 @@ async fn exchange(
     let mut out = Vec::with_capacity(READ_CHUNK);
     if let Some((conn, in_flight)) = res.body.take_switch() {
         // 101: the head goes out as the backend sent it, then bytes both ways.
-        if write_response(&io, &mut out, res, true, version, false)
+        if write_response(&io, &mut out, res, true, version, false, false)
             .await
             .is_err()
         {
@@ -152,7 +153,7 @@ async fn exchange(
         return None;
     }
     let close = !keep_alive || drain.is_draining();
-    let clean = write_response(&io, &mut out, res, head_only, version, close).await;
+    let clean = write_response(&io, &mut out, res, head_only, version, close, trailers).await;
     match clean {
         Ok(true) if !close && io.body_done.get() => Some(io),
         Ok(_) if !io.body_done.get() || !io.buf.borrow().is_empty() => {
@@ -268,13 +269,18 @@ async fn write_response(
     head_only: bool,
     version: Version,
     mut close: bool,
+    trailers: bool,
 ) -> io::Result<bool> {
     let Reply {
         status,
         fields,
         mut body,
     } = res;
-    let framing = ResponseFraming::new(status, head_only, version, body.size_hint().exact());
+    // A client that takes trailers gets a body that may carry them chunked, whatever its
+    // length: trailers have no place after a Content-Length body.
+    let exact = body.size_hint().exact();
+    let length = exact.filter(|_| !(trailers && body.may_have_trailers()));
+    let framing = ResponseFraming::new(status, head_only, version, length);
     close |= framing.until_close;
     write_response_head(out, status, &fields, framing, version, close, |field| {
         date::with(field)
@@ -284,6 +290,7 @@ async fn write_response(
         return Ok(!close);
     }
 
+    let mut trailed = false;
     loop {
         // Whatever the body has ready joins the head in one write; wait only once it is out.
         let ready = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
@@ -303,7 +310,25 @@ async fn write_response(
             None => break,
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(d) => d,
-                Err(_) => continue, // trailers: not sent on HTTP/1.1
+                Err(frame) => {
+                    // Trailers (an HTTP/2 backend's): in the chunked body's trailer
+                    // section, to a client that said it takes them; dropped otherwise.
+                    if let Ok(fields) = frame.into_trailers()
+                        && framing.chunked
+                        && trailers
+                        && !trailed
+                    {
+                        out.extend_from_slice(b"0\r\n");
+                        for (name, value) in &fields {
+                            if !TRAILER_FORBIDDEN.contains(name) {
+                                push_field(out, name.as_str().as_bytes(), value.as_bytes());
+                            }
+                        }
+                        out.extend_from_slice(b"\r\n");
+                        trailed = true;
+                    }
+                    continue;
+                }
             },
             Some(Err(error)) => {
                 // Cut short: the client must not take it for the whole body.
@@ -337,7 +362,7 @@ async fn write_response(
             out.clear();
         }
     }
-    if framing.chunked {
+    if framing.chunked && !trailed {
         out.extend_from_slice(LAST_CHUNK);
     }
     if !out.is_empty() {
@@ -346,6 +371,16 @@ async fn write_response(
     }
     Ok(!close)
 }
+
+/// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing and
+/// control fields.
+const TRAILER_FORBIDDEN: [http::HeaderName; 5] = [
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::HOST,
+    http::header::TRAILER,
+    http::header::CONNECTION,
+];
 
 /// Closes the connection after a response that left request bytes unread: the write side
 /// first, then what the client still sends is read and dropped for a while, so that its

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 use lbwasm_http::{Fields, ReqHead, end_request_head, push_field, write_request_line};
 
@@ -118,6 +118,107 @@ pub(crate) fn encode_request(
     }
     end_request_head(out, &head.method, head.upgrade, length, chunked);
 }
+
+/// The request an HTTP/2 backend gets (RFC 9113 §8.2.2, §8.3.1): the same fields and
+/// forwarding fields as [`encode_request`] writes for HTTP/1.1, `:authority` from `Host`
+/// (`authority` when the client sent none), `:scheme` http, no connection-specific fields
+/// (an upgrade offer goes as a plain request: HTTP/2 has no `Upgrade`), and `te: trailers`
+/// when `trailers` (the client declared it, as gRPC clients must). An invalid field is the
+/// client's: the error says which.
+pub(crate) fn h2_request<B>(
+    head: &ReqHead,
+    client: &HeaderValue,
+    via: bool,
+    trailers: bool,
+    authority: &str,
+    body: B,
+) -> Result<http::Request<B>, String> {
+    let host = head.fields.get("host").unwrap_or(authority.as_bytes());
+    let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(target)
+        .build()
+        .map_err(|e| format!("cannot make an HTTP/2 target of host and path: {e}"))?;
+    let mut map = HeaderMap::with_capacity(16);
+    for (name, value) in head.fields.iter() {
+        let skip = REWRITTEN.iter().any(|r| name.eq_ignore_ascii_case(r))
+            || H2_HOP.iter().any(|r| name.eq_ignore_ascii_case(r));
+        if skip {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name)
+            .map_err(|_| format!("invalid field name {:?}", String::from_utf8_lossy(name)))?;
+        let value =
+            HeaderValue::from_bytes(value).map_err(|_| format!("invalid value of field {name}"))?;
+        map.append(name, value);
+    }
+    let extended = |list: &[u8], last: &[u8]| -> Option<HeaderValue> {
+        let mut v = list.trim_ascii().to_vec();
+        if !v.is_empty() {
+            v.extend_from_slice(b", ");
+        }
+        v.extend_from_slice(last);
+        HeaderValue::from_bytes(&v).ok()
+    };
+    let joined = |name: &str| -> Vec<u8> {
+        let mut all = Vec::new();
+        for v in head.fields.get_all(name).map(<[u8]>::trim_ascii) {
+            if !v.is_empty() {
+                if !all.is_empty() {
+                    all.extend_from_slice(b", ");
+                }
+                all.extend_from_slice(v);
+            }
+        }
+        all
+    };
+    if let Some(v) = extended(&joined("x-forwarded-for"), client.as_bytes()) {
+        map.insert(X_FORWARDED_FOR, v);
+    }
+    map.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if via {
+        let received: &[u8] = match head.version {
+            Version::HTTP_2 => b"2 lbwasm",
+            Version::HTTP_10 => b"1.0 lbwasm",
+            _ => b"1.1 lbwasm",
+        };
+        if let Some(v) = extended(&joined("via"), received) {
+            map.insert(header::VIA, v);
+        }
+    } else {
+        for v in head.fields.get_all("via") {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                map.append(header::VIA, v);
+            }
+        }
+    }
+    if trailers {
+        map.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let mut req = http::Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    *req.headers_mut() = map;
+    Ok(req)
+}
+
+/// Fields HTTP/2 has no place for (RFC 9113 §8.2.2), besides those the writer rewrites:
+/// `Host` becomes `:authority`; an upgrade offer is not forwarded.
+const H2_HOP: [&[u8]; 7] = [
+    b"host",
+    b"upgrade",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"te",
+    b"http2-settings",
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The listener's hash key for this request; none when not configured or absent.
 pub(crate) fn hash_key(key: Option<&HashKey>, head: &ReqHead, client: IpAddr) -> Option<String> {

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -29,13 +29,18 @@ use super::Settings;
 use super::access_log::Pending;
 use super::activity::Activity;
 use super::body::ReqBody;
-use super::client::{BackendBody, BackendConn, ConnectError, SendError, SendErrorKind};
+use super::client::{BackendBody, BackendConn, SendError, SendErrorKind};
 use super::drain::Drain;
 use super::failover::{Attempt, AttemptError, Attempts, Exhausted, Retry};
+use super::grpc::{self, GrpcCall};
 use super::h1::{self, Exchange};
+use super::h2c::{H2Error, StreamSlot, Tee, UpBody};
 use super::headers;
 use super::local::{LocalListener, NoBackend};
+use super::orca;
 use super::response::{Blame, Reply, ResBody};
+use super::sock::ConnectError;
+use crate::config::BackendProtocol;
 use crate::pool::InFlight;
 use lbwasm_plugin_host::{Protocol, RequestInfo};
 
@@ -156,20 +161,27 @@ pub(super) struct ConnCtx {
 enum Failure {
     Connect(SocketAddr, ConnectError),
     Exchange(SocketAddr, SendError),
+    /// An HTTP/2 stream failed; `replay`: the request's body (if any) is still whole here.
+    Stream(SocketAddr, H2Error, bool),
     Timeout(SocketAddr, Duration),
     /// The client's request body failed (bad framing found mid-body, the client went
     /// away): the client's fault, never the backend's.
     ClientBody(String),
     /// The request timed out while the proxy was waiting for the client's body.
     ClientStall(Duration),
+    /// The request cannot be sent as it is (a field HTTP/2 refuses).
+    ClientRequest(String),
 }
 
 impl Failure {
     /// The backend at fault; none when the client is.
     fn backend(&self) -> Option<SocketAddr> {
         match self {
-            Failure::Connect(a, _) | Failure::Exchange(a, _) | Failure::Timeout(a, _) => Some(*a),
-            Failure::ClientBody(_) | Failure::ClientStall(_) => None,
+            Failure::Connect(a, _)
+            | Failure::Exchange(a, _)
+            | Failure::Stream(a, ..)
+            | Failure::Timeout(a, _) => Some(*a),
+            Failure::ClientBody(_) | Failure::ClientStall(_) | Failure::ClientRequest(_) => None,
         }
     }
 
@@ -178,8 +190,10 @@ impl Failure {
             Failure::Connect(_, ConnectError::Timeout(_)) | Failure::Timeout(..) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            Failure::Connect(..) | Failure::Exchange(..) => StatusCode::BAD_GATEWAY,
-            Failure::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Failure::Connect(..) | Failure::Exchange(..) | Failure::Stream(..) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Failure::ClientBody(_) | Failure::ClientRequest(_) => StatusCode::BAD_REQUEST,
             Failure::ClientStall(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -197,6 +211,8 @@ impl std::fmt::Display for Failure {
             }
             Failure::Connect(a, e) => write!(f, "cannot connect to backend {a}: {e}"),
             Failure::Exchange(a, e) => write!(f, "backend {a} failed before answering: {e}"),
+            Failure::Stream(a, e, _) => write!(f, "backend {a} failed the stream: {e}"),
+            Failure::ClientRequest(why) => write!(f, "request: {why}"),
             Failure::Timeout(a, d) => write!(f, "backend {a} did not answer within {d:?}"),
             Failure::ClientBody(why) => write!(f, "request body: {why}"),
             Failure::ClientStall(d) => {
@@ -215,9 +231,43 @@ impl AttemptError for Failure {
             // Nothing came back and no body bytes were used: nothing was acted on.
             Failure::Exchange(_, e) if e.nothing_back && !e.body_used => Retry::Fresh,
             Failure::Exchange(..) => Retry::Elsewhere,
+            // HTTP/2 proves it never reached the application (refused, above a graceful
+            // GOAWAY's last stream, never sent): again, if its body is still whole here.
+            Failure::Stream(_, e, true) if e.unprocessed() => Retry::Elsewhere,
+            Failure::Stream(..) if replayable => Retry::Elsewhere,
+            Failure::Stream(..) => Retry::Never,
             Failure::Timeout(..) if replayable => Retry::Elsewhere,
             // The client's own failures are never retried (nor counted against backends).
-            Failure::Timeout(..) | Failure::ClientBody(_) | Failure::ClientStall(_) => Retry::Never,
+            Failure::Timeout(..)
+            | Failure::ClientBody(_)
+            | Failure::ClientStall(_)
+            | Failure::ClientRequest(_) => Retry::Never,
+        }
+    }
+}
+
+/// A backend's answer: an HTTP/1.1 head on its connection, or an HTTP/2 stream's.
+enum Answer {
+    H1(BackendHead, Framing, BackendConn),
+    H2(Response<Incoming>, StreamSlot),
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Answer::H1(res, ..) => res.status,
+            Answer::H2(res, _) => res.status(),
+        }
+    }
+
+    /// Whether a body follows the head (whose end then tells success or failure).
+    fn body_follows(&self) -> bool {
+        match self {
+            Answer::H1(res, framing, _) => {
+                res.status != StatusCode::SWITCHING_PROTOCOLS
+                    && !matches!(framing, Framing::Length(0, _))
+            }
+            Answer::H2(res, _) => !http_body::Body::is_end_stream(res.body()),
         }
     }
 }
@@ -309,8 +359,11 @@ impl Exchange for ConnCtx {
             .log
             .enabled()
             .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start));
+        let call = GrpcCall::of(&head);
         let mut tries = 0;
-        let (mut res, backend, answered) = self.forward(head, body, start, timer, &mut tries).await;
+        let (mut res, backend, answered) = self
+            .forward(head, body, start, timer, call.as_ref(), &mut tries)
+            .await;
         let done = answered.unwrap_or_else(Instant::now);
         local.metrics.record(
             local.shared.index,
@@ -321,6 +374,18 @@ impl Exchange for ConnCtx {
         if let Some(mut line) = pending {
             line.answered(res.status.as_u16(), backend, tries);
             res.body.log(line);
+        }
+        // The proxy's own answer to a gRPC call, in gRPC's terms: a client cannot read
+        // a bare 502 (the metrics and the log keep the HTTP status).
+        if call.is_some() && answered.is_none() {
+            res = grpc::error_reply(res);
+            if let Fields::Map(map) = &res.fields
+                && let Some(code) = map.get("grpc-status")
+            {
+                local
+                    .metrics
+                    .grpc_status(local.shared.index, code.as_bytes());
+            }
         }
         res
     }
@@ -335,10 +400,21 @@ impl ConnCtx {
         mut body: Option<ReqBody>,
         arrived: Instant,
         mut timer: Option<Pin<&mut Sleep>>,
+        call: Option<&GrpcCall>,
         tries: &mut usize,
     ) -> (Reply, Option<SocketAddr>, Option<Instant>) {
         let local = &self.local;
         let (view, settings) = local.state();
+        // A gRPC deadline shorter than the listener's request timeout is the request's.
+        let limit = call
+            .and_then(|c| c.deadline)
+            .map_or(settings.timeouts.request, |d| {
+                d.min(settings.timeouts.request)
+            });
+        // `te: trailers` goes on to an HTTP/2 backend (before the hop-by-hop fields go).
+        let trailers = call.is_some() || head.trailers;
+        let h2 = settings.backend_protocol == BackendProtocol::H2c;
+        let mut tee: Option<Tee> = None;
         // First: the key and the plugin see the request as the backend will (an
         // absolute-form target's authority as its Host).
         headers::prepare_request(&mut head);
@@ -371,41 +447,48 @@ impl ConnCtx {
                 Err(Exhausted::Failed) => break,
             };
             *tries = attempts.tries();
-            let sent = self
-                .attempt(
+            let addr = attempt.backend().addr;
+            let sent = if h2 {
+                self.attempt_h2(
+                    &head, &mut body, &mut tee, trailers, &attempt, &settings, limit,
+                )
+                .await
+                .map(|(res, slot)| Answer::H2(res, slot))
+            } else {
+                self.attempt(
                     &head,
                     &mut body,
                     &attempts,
                     &attempt,
                     &settings,
+                    limit,
                     timer.as_mut(),
                 )
-                .await;
-            let addr = attempt.backend().addr;
+                .await
+                .map(|(res, framing, conn)| Answer::H1(res, framing, conn))
+            };
             match sent {
-                Ok((res, framing, conn)) => {
+                Ok(answer) => {
                     let at = Instant::now();
-                    let ok = !res.status.is_server_error();
-                    let body_follows = ok
-                        && res.status != StatusCode::SWITCHING_PROTOCOLS
-                        && !matches!(framing, Framing::Length(0, _));
-                    if body_follows {
+                    let ok = !answer.status().is_server_error();
+                    if ok && answer.body_follows() {
                         // Success or failure is the body's to tell.
                         attempt.guard.answered_head(at);
                     } else {
                         attempts.answered(&mut attempt, ok, at);
                     }
-                    let reply = self.respond(res, framing, conn, attempt.guard, &settings);
+                    let reply = match answer {
+                        Answer::H1(res, framing, conn) => {
+                            self.respond(res, framing, conn, attempt.guard, &settings)
+                        }
+                        Answer::H2(res, slot) => {
+                            self.respond_h2(res, slot, attempt.guard, &settings)
+                        }
+                    };
                     return (reply, Some(addr), Some(at));
                 }
                 Err(failure) if failure.backend().is_none() => {
-                    // The client's doing: no retry, and nothing against the backend (the
-                    // guard goes without an outcome), its health, the budget or its latency.
-                    tracing::debug!(listener = %local.shared.name, peer = %self.peer, error = %failure, "client error");
-                    local
-                        .metrics
-                        .refused(local.shared.index, refusal_reason(failure.status()));
-                    return (failure.response(), None, None);
+                    return self.client_failed(failure);
                 }
                 Err(failure) => {
                     attempts.failed(attempt, &failure);
@@ -423,9 +506,120 @@ impl ConnCtx {
         }
     }
 
+    /// The client's doing: no retry, and nothing against the backend (the attempt's guard
+    /// goes without an outcome), its health, the budget or its latency.
+    fn client_failed(&self, failure: Failure) -> (Reply, Option<SocketAddr>, Option<Instant>) {
+        let local = &self.local;
+        tracing::debug!(listener = %local.shared.name, peer = %self.peer, error = %failure, "client error");
+        local
+            .metrics
+            .refused(local.shared.index, refusal_reason(failure.status()));
+        (failure.response(), None, None)
+    }
+
+    /// One attempt on an HTTP/2 backend: a stream on one of the worker's connections to
+    /// it. A request the connection handed back unsent goes once more on a new connection
+    /// to the same backend; the body goes up through `tee` (made on the first attempt),
+    /// which keeps it for another attempt while it is small enough.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_h2(
+        &self,
+        head: &ReqHead,
+        body: &mut Option<ReqBody>,
+        tee: &mut Option<Tee>,
+        trailers: bool,
+        attempt: &Attempt,
+        settings: &Settings,
+        limit: Duration,
+    ) -> Result<(Response<Incoming>, StreamSlot), Failure> {
+        let backend = attempt.backend();
+        if tee.is_none()
+            && let Some(b) = body.take()
+            && !b.is_end_stream()
+        {
+            *tee = Some(Tee::new(b));
+        }
+        let mut fresh = false;
+        loop {
+            let up = tee.as_ref().map_or_else(UpBody::empty, Tee::replay);
+            let req = headers::h2_request(
+                head,
+                &self.client,
+                settings.via,
+                trailers,
+                backend.address(),
+                up,
+            )
+            .map_err(Failure::ClientRequest)?;
+            let conns = &self.local.conns.h2;
+            let sent = within(
+                limit,
+                conns.send(
+                    backend.id,
+                    backend.addr,
+                    settings.timeouts.connect,
+                    req,
+                    fresh,
+                ),
+                None,
+            )
+            .await;
+            let client_failed = tee.as_ref().is_some_and(Tee::client_failed);
+            return match sent {
+                Some(Ok(res)) => Ok(res),
+                Some(Err(_)) if client_failed => {
+                    Err(Failure::ClientBody("the client's body failed".into()))
+                }
+                Some(Err(H2Error::Connect(e))) => Err(Failure::Connect(backend.addr, e)),
+                Some(Err(H2Error::NotSent(_))) if !fresh => {
+                    fresh = true;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    let whole = tee.as_ref().is_none_or(Tee::whole);
+                    Err(Failure::Stream(backend.addr, e, whole))
+                }
+                None if tee.as_ref().is_some_and(Tee::waiting_on_client) => {
+                    Err(Failure::ClientStall(limit))
+                }
+                None => Err(Failure::Timeout(backend.addr, limit)),
+            };
+        }
+    }
+
+    /// An HTTP/2 backend's response, fit for the client (HTTP/2 has no hop-by-hop fields
+    /// to take out); its body holds the stream's slot.
+    fn respond_h2(
+        &self,
+        res: Response<Incoming>,
+        slot: StreamSlot,
+        guard: InFlight,
+        settings: &Settings,
+    ) -> Reply {
+        let (mut parts, body) = res.into_parts();
+        orca::take_map(&mut parts.headers, guard.backend(), &self.local);
+        if let Some(code) = parts.headers.get("grpc-status") {
+            // Trailers-Only: the call ended with its head.
+            let local = &self.local;
+            local
+                .metrics
+                .grpc_status(local.shared.index, code.as_bytes());
+        }
+        let blame = Blame {
+            local: self.local.clone(),
+            passive: settings.passive.consecutive_failures,
+        };
+        Reply {
+            status: parts.status,
+            fields: Fields::Map(parts.headers),
+            body: ResBody::h2(body, slot, guard, blame),
+        }
+    }
+
     /// One attempt's exchange with its backend, on a pooled connection if a clean one is
     /// there. One the backend closed as the request went out ([`Retry::Fresh`]) answers
     /// nothing: the request goes again on a new connection to the same backend.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         head: &ReqHead,
@@ -433,6 +627,7 @@ impl ConnCtx {
         attempts: &Attempts<'_>,
         attempt: &Attempt,
         settings: &Settings,
+        limit: Duration,
         mut timer: Option<&mut Pin<&mut Sleep>>,
     ) -> Result<(BackendHead, Framing, BackendConn), Failure> {
         let backend = attempt.backend();
@@ -454,7 +649,7 @@ impl ConnCtx {
             };
             let mut conn = conn.map_err(|e| Failure::Connect(backend.addr, e))?;
             let sent = within(
-                timeouts.request,
+                limit,
                 conn.conn
                     .send(head, &self.client, body, head_only, settings.via),
                 timer.as_mut().map(|t| t.as_mut()),
@@ -466,9 +661,7 @@ impl ConnCtx {
                     kind: SendErrorKind::ClientBody(why),
                     ..
                 })) => Err(Failure::ClientBody(why.to_string())),
-                None if conn.conn.waiting_on_client() => {
-                    Err(Failure::ClientStall(timeouts.request))
-                }
+                None if conn.conn.waiting_on_client() => Err(Failure::ClientStall(limit)),
                 Some(Err(e)) => {
                     let failure = Failure::Exchange(backend.addr, e);
                     if conn.reused && !fresh && failure.retry(attempts.replayable()) == Retry::Fresh
@@ -478,7 +671,7 @@ impl ConnCtx {
                     }
                     Err(failure)
                 }
-                None => Err(Failure::Timeout(backend.addr, timeouts.request)),
+                None => Err(Failure::Timeout(backend.addr, limit)),
             };
         }
     }
@@ -495,6 +688,7 @@ impl ConnCtx {
     ) -> Reply {
         // Hop-by-hop headers were left out as the head was parsed (Upgrade kept for a
         // switch, whose `Connection: upgrade` the HTTP/1.1 server writes).
+        let fields: Fields = super::orca::take_raw(head.fields, guard.backend(), &self.local);
         let body = if head.status == StatusCode::SWITCHING_PROTOCOLS {
             ResBody::switch(conn, guard)
         } else {
@@ -509,7 +703,7 @@ impl ConnCtx {
         };
         Reply {
             status: head.status,
-            fields: Fields::Raw(head.fields),
+            fields,
             body,
         }
     }

@@ -4,7 +4,6 @@
 //! plugin's pick.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -14,20 +13,11 @@ use arc_swap::cache::Cache;
 use super::access_log::LocalLog;
 use super::budget::RetryBudget;
 use super::client::ConnPool;
+use super::exec::LocalExec;
 use super::{ListenerShared, Settings};
 use crate::metrics::WorkerShard;
 use crate::pool::Snapshot;
 use lbwasm_plugin_host::{PickSource, Plugin, PoolView, RequestInfo, Selector};
-
-/// hyper's executor for HTTP/2 streams: tasks stay on this worker (they may hold `Rc`s).
-#[derive(Clone, Copy, Debug)]
-pub(super) struct LocalExec;
-
-impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExec {
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
-    }
-}
 
 /// A snapshot as this worker uses it: the snapshot, and the same as the trait object the
 /// selector takes (made once per snapshot, not per request).

@@ -16,13 +16,14 @@
 //! - [`http`]: client connections (HTTP/2 through hyper), forwarding an HTTP request.
 //! - [`h1`]: the proxy's own HTTP/1.1 server: request framing, responses, upgrades.
 //! - [`tcp`]: per-connection balancing of raw TCP; [`proxy_header`]: the PROXY protocol.
-//! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one.
+//! - [`client`]: the per-worker backend connections, and the HTTP/1.1 exchange on one;
+//!   [`h2c`]: HTTP/2 to backends, a stream per request over shared connections.
 //! - [`tunnel`]: byte relays (TCP mode, protocol switches) with an idle timeout.
 //! - [`access_log`]: a line per request or connection, buffered per worker.
 //! - [`response`]: a response's lifecycle as it streams; [`body`]: request bodies;
 //!   [`activity`]: what an HTTP/2 connection's idle timeout watches.
-//! - [`headers`] (forwarding policy), [`budget`], [`sock`], [`date`]: the pieces the HTTP
-//!   path is made of. What HTTP/1.1 bytes mean is the codec's, [`lbwasm_http`].
+//! - [`headers`] (forwarding policy), [`budget`], [`sock`] (connects, reads, writes),
+//!   [`exec`] (hyper's executor on a worker), [`date`]: the pieces the HTTP path is made of. What HTTP/1.1 bytes mean is the codec's, [`lbwasm_http`].
 //!
 //! Health, load reports and managed processes are not here: they run on the control plane
 //! ([`crate::health`], [`crate::serve`]); workers only report failures to it ([`Event`]).
@@ -34,11 +35,15 @@ mod budget;
 mod client;
 mod date;
 mod drain;
+mod exec;
 mod failover;
+mod grpc;
 mod h1;
+mod h2c;
 mod headers;
 mod http;
 mod local;
+mod orca;
 mod proxy_header;
 mod response;
 mod sock;
@@ -55,8 +60,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{
-    HashKey, HealthCheck, ListenerConfig, LoadReport, Passive, Protocol, ProxyProtocol, Retry,
-    Timeouts,
+    BackendProtocol, HashKey, HealthCheck, ListenerConfig, LoadReport, Passive, Protocol,
+    ProxyProtocol, Retry, Timeouts,
 };
 use crate::pool::{Backend, Pool};
 use lbwasm_plugin_host::Plugin;
@@ -143,6 +148,8 @@ pub struct Settings {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// HTTP: add `Via` to requests.
     pub via: bool,
+    /// HTTP: what the backends speak.
+    pub backend_protocol: BackendProtocol,
 }
 
 impl Settings {
@@ -157,6 +164,7 @@ impl Settings {
             load_report: l.load_report.clone(),
             proxy_protocol: l.proxy_protocol,
             via: l.via,
+            backend_protocol: l.backend_protocol,
         }
     }
 }

@@ -12,13 +12,16 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use lbwasm_http::fields::Fields;
 
 use super::access_log::Pending;
 use super::activity::ActivityGuard;
 use super::body::BoxError;
 use super::client::{BackendBody, BackendConn};
+use super::h2c::StreamSlot;
 use super::local::LocalListener;
+use super::orca;
 use crate::pool::InFlight;
 
 const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
@@ -31,6 +34,10 @@ pub(crate) struct ResBody {
 
 enum Kind {
     Backend(BackendBody),
+    /// An HTTP/2 backend's stream: data, then trailers. Its slot on the connection is
+    /// held until the body ends or is dropped (a client that goes away resets the stream
+    /// on the backend: hyper sends `RST_STREAM(CANCEL)` when the body is dropped unended).
+    H2(Incoming, Option<StreamSlot>),
     Text(Option<Bytes>),
     /// A protocol switch: the backend connection, for the HTTP/1.1 server to relay to.
     Switch(Option<BackendConn>),
@@ -93,11 +100,37 @@ impl ResBody {
         }
     }
 
+    /// An HTTP/2 backend's body on `slot`; otherwise as [`ResBody::backend`].
+    pub(crate) fn h2(body: Incoming, slot: StreamSlot, in_flight: InFlight, blame: Blame) -> Self {
+        ResBody {
+            kind: Kind::H2(body, Some(slot)),
+            tail: Tail {
+                in_flight: Some(in_flight),
+                blame: Some(blame),
+                ..Tail::default()
+            },
+        }
+    }
+
     /// A text body.
     pub(crate) fn text(text: impl Into<Bytes>) -> Self {
         ResBody {
             kind: Kind::Text(Some(text.into())),
             tail: Tail::default(),
+        }
+    }
+
+    /// Whether trailers may still come: an HTTP/2 backend's stream that has not ended
+    /// (an HTTP/1.1 backend's trailers are not forwarded).
+    pub(crate) fn may_have_trailers(&self) -> bool {
+        matches!(&self.kind, Kind::H2(b, _) if !b.is_end_stream())
+    }
+
+    /// The proxy's own text, if this is one (taken).
+    pub(crate) fn into_text(self) -> Option<Bytes> {
+        match self.kind {
+            Kind::Text(t) => t,
+            _ => None,
         }
     }
 
@@ -133,6 +166,7 @@ impl ResBody {
     fn ended(&self) -> bool {
         match &self.kind {
             Kind::Backend(b) => b.ended(),
+            Kind::H2(b, _) => b.is_end_stream(),
             Kind::Text(t) => t.is_none(),
             Kind::Switch(_) => true,
         }
@@ -151,6 +185,29 @@ impl Body for ResBody {
         let polled = match &mut this.kind {
             Kind::Backend(b) => {
                 ready!(b.poll_next(cx)).map(|r| r.map(Frame::data).map_err(BoxError::from))
+            }
+            Kind::H2(b, slot) => {
+                let mut polled =
+                    ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(BoxError::from));
+                match &mut polled {
+                    Some(Ok(frame)) => {
+                        // A report in the trailers (gRPC's `endpoint-load-metrics-bin`), and
+                        // how a gRPC call ended.
+                        if let (Some(t), Some(guard), Some(blame)) =
+                            (frame.trailers_mut(), &this.tail.in_flight, &this.tail.blame)
+                        {
+                            orca::take_map(t, guard.backend(), &blame.local);
+                            if let Some(code) = t.get("grpc-status") {
+                                let local = &blame.local;
+                                local
+                                    .metrics
+                                    .grpc_status(local.shared.index, code.as_bytes());
+                            }
+                        }
+                    }
+                    _ => drop(slot.take()), // ended or failed: the stream is closed
+                }
+                polled
             }
             Kind::Text(t) => t.take().map(|b| Ok(Frame::data(b))),
             Kind::Switch(_) => None,
@@ -187,6 +244,7 @@ impl Body for ResBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Backend(b) => b.size_hint(),
+            Kind::H2(b, _) => b.size_hint(),
             Kind::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Switch(_) => SizeHint::with_exact(0),
         }

@@ -1,4 +1,4 @@
-//! Reads and writes on a socket shared by reference (a request's task and its body upload
+//! Backend connects ([`connect`]), and reads and writes on a socket shared by reference (a request's task and its body upload
 //! use one socket at once), without wasted system calls.
 //!
 //! tokio keeps a socket marked readable until a read fails with `EAGAIN`, so a plain
@@ -12,6 +12,7 @@
 //! forgotten (tokio also forgets only the readiness it saw, by its tick).
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -61,4 +62,37 @@ pub(crate) async fn write_all(
         }
     }
     Ok(())
+}
+
+/// Why no connection could be had.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    /// The TCP connect failed (refused, unreachable...).
+    Io(io::Error),
+    /// The TCP connect took longer than the connect timeout.
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Io(e) => write!(f, "{e}"),
+            ConnectError::Timeout(d) => write!(f, "no connection within {d:?}"),
+        }
+    }
+}
+
+/// A new connection to a backend at `addr` within `connect_timeout`, with Nagle off (the
+/// proxy writes whole messages).
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Err(_) => return Err(ConnectError::Timeout(connect_timeout)),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }

@@ -13,10 +13,10 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
 use super::access_log;
-use super::client::ConnectError;
 use super::failover::{Attempts, Exhausted};
 use super::local::LocalListener;
 use super::proxy_header;
+use super::sock::ConnectError;
 use super::tunnel::{Relayed, relay};
 use crate::config::{HashKey, ProxyProtocol};
 use crate::metrics::TCP_OK;

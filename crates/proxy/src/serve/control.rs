@@ -179,6 +179,7 @@ impl Control {
             self.handle.spawn(health::active_checks(l.clone()));
             if l.protocol == crate::config::Protocol::Http {
                 self.handle.spawn(health::load_reports(l.clone()));
+                self.handle.spawn(health::inband_reports(l.clone()));
             }
             self.handle.spawn(health::slow_start(l.clone()));
         }

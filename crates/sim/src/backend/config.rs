@@ -59,6 +59,10 @@ pub struct BackendArgs {
     /// Memory each server allocates and keeps resident, MiB.
     #[arg(long, default_value_t = 0)]
     pub memory_mb: u64,
+    /// Attach an ORCA load report to every response: header `endpoint-load-metrics` in
+    /// this format (gRPC responses: trailer `endpoint-load-metrics-bin`). Default: none.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub orca: Option<OrcaFormat>,
 }
 
 /// A fault window as written on the command line; the `slow` latency comes from
@@ -186,6 +190,8 @@ pub struct BackendConfig {
     pub seed: Option<u64>,
     /// Ballast allocated and kept resident, MiB.
     pub memory_mb: u64,
+    /// ORCA in-band load reports on every HTTP response; `None` = none.
+    pub orca: Option<OrcaFormat>,
 }
 
 impl BackendConfig {
@@ -204,6 +210,7 @@ impl BackendConfig {
             protocol: Protocol::Http,
             seed: None,
             memory_mb: 0,
+            orca: None,
         }
     }
 
@@ -228,6 +235,10 @@ impl BackendConfig {
             "--capacity must be at most {}, got {}",
             tokio::sync::Semaphore::MAX_PERMITS,
             self.capacity
+        );
+        ensure!(
+            self.orca.is_none() || self.protocol == Protocol::Http,
+            "--orca reports ride on HTTP responses: not with --tcp"
         );
         ensure!(
             self.memory_mb <= MAX_MEMORY_MB,
@@ -318,6 +329,7 @@ impl BackendArgs {
             },
             seed: self.seed,
             memory_mb: self.memory_mb,
+            orca: self.orca,
         };
         base.validate()?;
         (0..self.count)
@@ -338,4 +350,16 @@ impl BackendArgs {
             })
             .collect()
     }
+}
+
+/// How a backend writes its ORCA report; the three encodings Envoy's ORCA parser accepts,
+/// so that every consumer can be tried against the same backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrcaFormat {
+    /// `TEXT cpu_utilization=…, mem_utilization=…`
+    Text,
+    /// `JSON {"cpu_utilization":…,"mem_utilization":…}`
+    Json,
+    /// `BIN <base64 protobuf OrcaLoadReport>`
+    Bin,
 }

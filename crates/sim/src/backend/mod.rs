@@ -9,7 +9,11 @@
 //!   `down` → connection refused);
 //! - `GET /home` → `{"message": "Hello from Server: <id>", "status": "successful"}`;
 //! - `GET` anything else → `"<method> <path> served by <id>\n"`;
-//! - `POST` anything → the request body streamed back.
+//! - `POST` anything → the request body streamed back;
+//! - gRPC (`POST`, `content-type: application/grpc*`) → the request's messages echoed,
+//!   trailer `grpc-status: 0`; `grpc.health.v1.Health/Check` → `SERVING` (details in `http.rs`).
+//!
+//! `--orca text|json|bin` adds an ORCA load report to every response (see [`orca`]).
 //!
 //! The knobs apply to the workload requests (`GET` other than `/load` and `/heartbeat`,
 //! and `POST`), in this order: fault, capacity queue, latency + jitter (+ `slow` fault
@@ -21,6 +25,7 @@
 pub mod config;
 mod http;
 pub mod load;
+pub mod orca;
 mod server;
 mod state;
 pub mod tcp;
@@ -29,6 +34,7 @@ use anyhow::Context as _;
 
 pub use config::{BackendArgs, BackendConfig, Fault, FaultKind, FaultSpec, FaultWindow, Protocol};
 pub use http::SERVED_BY;
+pub use orca::{OrcaFigures, OrcaFormat};
 pub use server::{BackendHandle, spawn};
 pub use state::{BackendStats, LoadReport};
 

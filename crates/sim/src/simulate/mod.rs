@@ -5,7 +5,7 @@
 //! - [`clients`]: the traffic generator (closed and open loop, failover, lookaside);
 //! - [`summary`]: per-run figures and HDR-histogram percentiles;
 //! - `experiments`: one function per experiment (`distribution`, `scaling`, `failure`,
-//!   `hashing`, `baseline`, `heterogeneous`);
+//!   `hashing`, `baseline`, `heterogeneous`, `inband`);
 //! - `harness`: starting backends and the proxy, talking to its admin endpoint;
 //! - [`charts`] and [`report`]: drawing and writing the results.
 //!
@@ -77,17 +77,20 @@ pub enum Experiment {
     Baseline,
     /// Backends of different speed and capacity under open-loop load: tail latency.
     Heterogeneous,
+    /// A backend's load jumps: in-band ORCA reports against 1 s `/load` polling.
+    Inband,
 }
 
 impl Experiment {
     /// Every experiment, in suite order.
-    pub const ALL: [Experiment; 6] = [
+    pub const ALL: [Experiment; 7] = [
         Experiment::Distribution,
         Experiment::Scaling,
         Experiment::Failure,
         Experiment::Hashing,
         Experiment::Baseline,
         Experiment::Heterogeneous,
+        Experiment::Inband,
     ];
 
     /// The name used by `--experiment`, in `results.json` and for file names.
@@ -99,6 +102,7 @@ impl Experiment {
             Experiment::Hashing => "hashing",
             Experiment::Baseline => "baseline",
             Experiment::Heterogeneous => "heterogeneous",
+            Experiment::Inband => "inband",
         }
     }
 }

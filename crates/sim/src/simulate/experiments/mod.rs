@@ -7,6 +7,7 @@ mod distribution;
 mod failure;
 mod hashing;
 mod heterogeneous;
+mod inband;
 mod scaling;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub async fn run(e: Experiment, ctx: &Ctx) -> anyhow::Result<ExperimentReport> {
         Experiment::Hashing => hashing::run(ctx).await,
         Experiment::Baseline => baseline::run(ctx).await,
         Experiment::Heterogeneous => heterogeneous::run(ctx).await,
+        Experiment::Inband => inband::run(ctx).await,
     }
 }
 
