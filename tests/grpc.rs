@@ -621,6 +621,10 @@ async fn grpc_timeout_is_the_deadline_and_is_answered_in_grpc_terms() {
             "{r:?}"
         );
         assert_eq!(asked.load(Ordering::SeqCst), 1, "the backend got the call");
+        // The client's deadline is the client's: nothing against the backend.
+        let state = backend_state(&client(), &server, backend.addr).await;
+        assert_eq!(state["failures"], 0, "{state}");
+        assert_eq!(state["ejected"], false, "{state}");
         server.shutdown(Duration::from_secs(5)).await;
     })
     .await;

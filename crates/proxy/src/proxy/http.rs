@@ -171,6 +171,9 @@ enum Failure {
     ClientStall(Duration),
     /// The request cannot be sent as it is (a field HTTP/2 refuses).
     ClientRequest(String),
+    /// The client's own deadline (`grpc-timeout`, shorter than the listener's request
+    /// timeout) passed: a client asking for 1 ns must not get healthy backends ejected.
+    ClientDeadline(Duration),
 }
 
 impl Failure {
@@ -181,15 +184,27 @@ impl Failure {
             | Failure::Exchange(a, _)
             | Failure::Stream(a, ..)
             | Failure::Timeout(a, _) => Some(*a),
-            Failure::ClientBody(_) | Failure::ClientStall(_) | Failure::ClientRequest(_) => None,
+            Failure::ClientBody(_)
+            | Failure::ClientStall(_)
+            | Failure::ClientRequest(_)
+            | Failure::ClientDeadline(_) => None,
+        }
+    }
+
+    /// A timeout under a deadline shorter than the listener's `request` timeout was the
+    /// client's deadline, not the backend's failure.
+    fn under(self, request_timeout: Duration) -> Self {
+        match self {
+            Failure::Timeout(_, d) if d < request_timeout => Failure::ClientDeadline(d),
+            f => f,
         }
     }
 
     fn status(&self) -> StatusCode {
         match self {
-            Failure::Connect(_, ConnectError::Timeout(_)) | Failure::Timeout(..) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            Failure::Connect(_, ConnectError::Timeout(_))
+            | Failure::Timeout(..)
+            | Failure::ClientDeadline(_) => StatusCode::GATEWAY_TIMEOUT,
             Failure::Connect(..) | Failure::Exchange(..) | Failure::Stream(..) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -218,6 +233,7 @@ impl std::fmt::Display for Failure {
             Failure::ClientStall(d) => {
                 write!(f, "request body not received within {d:?}")
             }
+            Failure::ClientDeadline(d) => write!(f, "the call's deadline ({d:?}) passed"),
         }
     }
 }
@@ -241,7 +257,8 @@ impl AttemptError for Failure {
             Failure::Timeout(..)
             | Failure::ClientBody(_)
             | Failure::ClientStall(_)
-            | Failure::ClientRequest(_) => Retry::Never,
+            | Failure::ClientRequest(_)
+            | Failure::ClientDeadline(_) => Retry::Never,
         }
     }
 }
@@ -467,6 +484,7 @@ impl ConnCtx {
                 .await
                 .map(|(res, framing, conn)| Answer::H1(res, framing, conn))
             };
+            let sent = sent.map_err(|f| f.under(settings.timeouts.request));
             match sent {
                 Ok(answer) => {
                     let at = Instant::now();
@@ -715,6 +733,7 @@ pub(super) fn refusal_reason(status: StatusCode) -> &'static str {
         400 => "bad_request",
         405 => "method_not_allowed",
         408 => "timeout",
+        504 => "deadline",
         413 => "too_large",
         431 => "head_too_large",
         501 => "not_implemented",
@@ -762,6 +781,14 @@ mod tests {
         );
         // The client's own failures are never retried.
         assert_eq!(Failure::ClientBody("cut".into()).retry(true), Retry::Never);
+        // A timeout under the client's shorter deadline is the client's, not a backend's.
+        let deadline =
+            Failure::Timeout(addr, Duration::from_millis(200)).under(Duration::from_secs(30));
+        assert!(deadline.backend().is_none());
+        assert_eq!(deadline.retry(true), Retry::Never);
+        assert_eq!(deadline.status(), StatusCode::GATEWAY_TIMEOUT);
+        let own = Failure::Timeout(addr, Duration::from_secs(30)).under(Duration::from_secs(30));
+        assert_eq!(own.backend(), Some(addr));
         assert_eq!(
             Failure::ClientStall(Duration::ZERO).retry(true),
             Retry::Never
