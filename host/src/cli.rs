@@ -18,6 +18,8 @@ pub struct Cli {
 }
 
 /// The commands.
+// Parsed once at start: the size of the largest variant (serve's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy: listeners, backends and the plugin that balances them.

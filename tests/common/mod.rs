@@ -23,6 +23,7 @@ pub mod http;
 pub mod plugins;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

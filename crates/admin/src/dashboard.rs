@@ -251,6 +251,9 @@ struct ListenerTick {
     p99_us: Option<u64>,
     plugin: PluginTick,
     backends: Vec<BackendTick>,
+    /// A TLS listener's certificates; absent in cleartext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Vec<lbwasm_proxy::tls::CertInfo>>,
 }
 
 #[derive(Serialize)]
@@ -379,6 +382,7 @@ impl Sampler {
                 name: l.name,
                 listen: l.listen.to_string(),
                 protocol: l.protocol,
+                tls: l.tls,
                 healthy: l.healthy,
                 rps: round(rps, 10.0),
                 p50_us,

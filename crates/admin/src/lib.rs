@@ -43,6 +43,7 @@ use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use lbwasm_proxy::tls::Terminator;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
@@ -52,6 +53,9 @@ use self::dashboard::Dashboard;
 use self::reply::{ApiError, Body, answer, full, json, query};
 use lbwasm_proxy::config::{AdminConfig, Config};
 use lbwasm_proxy::serve::{AdminApi, Control, Server};
+
+/// Longest a client may take to finish a TLS handshake.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
@@ -93,6 +97,22 @@ async fn serve(socket: std::net::TcpListener, control: Arc<Control>, config: Adm
             return;
         }
     };
+    // HTTPS with `[admin.tls]`: its certificates reload with changed files as a
+    // listener's do (a reload of the file reaches them only by a restart).
+    let tls = match &config.tls {
+        Some(settings) => match Terminator::new("admin", settings, &[b"http/1.1"]) {
+            Ok(t) => {
+                let t = Arc::new(t);
+                tokio::spawn(lbwasm_proxy::tls::server::watch_files(t.clone()));
+                Some(t)
+            }
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "admin: cannot use its TLS settings; not serving");
+                return;
+            }
+        },
+        None => None,
+    };
     let bound = listener.local_addr().unwrap_or(config.listen);
     let access = Arc::new(Access::new(bound, &config.hosts));
     let token: Option<Arc<str>> = config.token.map(Arc::from);
@@ -114,6 +134,7 @@ async fn serve(socket: std::net::TcpListener, control: Arc<Control>, config: Adm
             dashboard.clone(),
             access.clone(),
         );
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (control, token, dashboard, access) = (
@@ -133,10 +154,22 @@ async fn serve(socket: std::net::TcpListener, control: Arc<Control>, config: Adm
                     Ok(route(&control, token.as_deref(), req).await)
                 }
             });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            let http = hyper::server::conn::http1::Builder::new();
+            let served = match acceptor {
+                None => http.serve_connection(TokioIo::new(stream), svc).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(HANDSHAKE, handshake).await {
+                        Ok(Ok(tls)) => http.serve_connection(TokioIo::new(tls), svc).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "admin: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "admin connection ended with an error");
             }
         });

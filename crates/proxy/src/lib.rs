@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod serve;
+pub mod tls;

@@ -217,7 +217,10 @@ function render() {
   if (!l) return;
   state.listener = l.name;
   renderListeners(s.listeners);
-  put($('#listen'), `${l.name} · ${l.protocol} ${l.listen}`);
+  const tls = l.tls
+    ? ' · TLS, ' + l.tls.map((c) => `${c.names.join(' ')} until ${c.not_after}${c.expired ? ' (EXPIRED)' : ''}`).join('; ')
+    : '';
+  put($('#listen'), `${l.name} · ${l.protocol} ${l.listen}${tls}`);
   put($('#totals'), `${fmtRate(l.rps)} req/s · p50 ${fmtUs(l.p50_us)} · p99 ${fmtUs(l.p99_us)}`);
   put($('#healthy'), `${l.healthy}/${l.backends.length} healthy`);
   put($('#updated'), new Date(s.t_ms).toLocaleTimeString());

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::file::{
-    CheckType, FileAdmin, FileBackend, FileConfig, FileHealth, FileListener, FileLoadReport,
-    FileManaged, FilePassive, FileRetry, FileTimeouts, PluginOptions,
+    CheckType, FileAdmin, FileBackend, FileBackendTls, FileCert, FileConfig, FileHealth,
+    FileListener, FileLoadReport, FileManaged, FilePassive, FileRetry, FileTimeouts, FileTls,
+    PluginOptions,
 };
 use super::leaf::{Leaf, NonEmpty, Raw};
 use super::value::{At, Origin, Table};
@@ -19,6 +20,7 @@ use super::{
     HealthCheck, HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol,
     Retry, Source, Timeouts,
 };
+use crate::tls::{self, BackendTls, CertSpec, ListenerTls, Part};
 
 pub(super) fn config(file: &FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
     let root = Scope {
@@ -38,6 +40,13 @@ pub(super) fn config(file: &FileConfig, src: &Source<'_>) -> Result<Config, Conf
     for (i, table) in list.items.iter().enumerate() {
         let s = root.table(&format!("listener[{i}]"), table);
         listeners.push(listener(&s, &table.value, i, &mut sockets, &mut names)?);
+    }
+    for (i, table) in list.items.iter().enumerate() {
+        if listeners[i].server_names.is_empty() || !group_leader(&listeners, i) {
+            continue;
+        }
+        let s = root.table(&format!("listener[{i}]"), table);
+        sni_group(&s, &table.value, &listeners, i, &mut sockets)?;
     }
 
     let workers = match value_or(&file.workers, 0) {
@@ -210,6 +219,14 @@ fn admin(s: &Scope<'_>, a: &FileAdmin, sockets: &mut Sockets) -> Result<AdminCon
                 .into(),
         ));
     }
+    let tls = s.sub("tls", &a.tls, listener_tls)?;
+    if !listen.value.ip().is_loopback() && tls.is_none() {
+        return Err(blame(
+            "a remotely reachable admin endpoint needs TLS ([admin.tls] cert and key): its \
+             token and the pool's state would otherwise cross the network in cleartext"
+                .into(),
+        ));
+    }
     sockets.claim_key(s, "listen", listen)?;
     let hosts = a.hosts.as_ref().map_or_else(Vec::new, |list| {
         list.items.iter().map(|h| h.value.clone()).collect()
@@ -219,7 +236,58 @@ fn admin(s: &Scope<'_>, a: &FileAdmin, sockets: &mut Sockets) -> Result<AdminCon
         token,
         allow_remote,
         hosts,
+        tls,
     })
+}
+
+/// Whether listener `i` is the first of those sharing its address (SNI routing).
+fn group_leader(listeners: &[ListenerConfig], i: usize) -> bool {
+    !listeners[..i]
+        .iter()
+        .any(|o| o.listen == listeners[i].listen && !o.server_names.is_empty())
+}
+
+/// Checks the listeners routed by SNI on listener `i`'s address (it is the group's first
+/// with `server_names`): all tcp, at most one without names; claims the address once.
+fn sni_group(
+    s: &Scope<'_>,
+    l: &FileListener,
+    listeners: &[ListenerConfig],
+    i: usize,
+    sockets: &mut Sockets,
+) -> Result<(), ConfigError> {
+    let me = &listeners[i];
+    let group: Vec<&ListenerConfig> = listeners.iter().filter(|o| o.listen == me.listen).collect();
+    let listen = s.require("listen", &l.listen)?;
+    if let Some(other) = group.iter().find(|o| o.protocol != Protocol::Tcp) {
+        return Err(s.error(
+            "listen",
+            &listen.at,
+            format!(
+                "{} is shared by listener {:?}, which is not a tcp listener: SNI routing                  (server_names) shares an address among tcp listeners only",
+                me.listen, other.name
+            ),
+        ));
+    }
+    let catch_all: Vec<&str> = group
+        .iter()
+        .filter(|o| o.server_names.is_empty())
+        .map(|o| o.name.as_str())
+        .collect();
+    if catch_all.len() > 1 {
+        return Err(s.error(
+            "listen",
+            &listen.at,
+            format!(
+                "listeners {catch_all:?} share {} without server_names: at most one may take                  the names no other listener routes",
+                me.listen
+            ),
+        ));
+    }
+    if catch_all.is_empty() {
+        sockets.claim_key(s, "listen", listen)?;
+    }
+    Ok(())
 }
 
 fn listener(
@@ -230,7 +298,9 @@ fn listener(
     names: &mut Vec<(String, String)>,
 ) -> Result<ListenerConfig, ConfigError> {
     let listen = s.require("listen", &l.listen)?;
-    sockets.claim_key(s, "listen", listen)?;
+    if l.server_names.is_none() {
+        sockets.claim_key(s, "listen", listen)?;
+    }
 
     let name = value_or(&l.name, format!("listener{index}"));
     if let Some((_, other)) = names.iter().find(|(n, _)| *n == name) {
@@ -253,8 +323,15 @@ fn listener(
     s.refuse(
         "hash_key",
         &l.hash_key,
-        |key| tcp && *key != HashKey::ClientIp,
-        "a tcp listener has no headers, cookies or paths; it can only hash on \"client-ip\"",
+        |key| tcp && !matches!(key, HashKey::ClientIp | HashKey::Sni),
+        "a tcp listener has no headers, cookies or paths; it can hash on \"client-ip\" or \"sni\"",
+    )?;
+    s.refuse(
+        "hash_key",
+        &l.hash_key,
+        |key| !tcp && *key == HashKey::Sni,
+        "an http listener hashes on the name the client asked for with \"header:host\"; \
+         \"sni\" is for tcp listeners",
     )?;
     s.refuse(
         "proxy_protocol",
@@ -268,12 +345,6 @@ fn listener(
         &l.backend_protocol,
         |p| tcp && *p != BackendProtocol::Http1,
         "a tcp listener relays bytes; backend_protocol is for http listeners",
-    )?;
-    s.refuse(
-        "backend_protocol",
-        &l.backend_protocol,
-        |p| *p == BackendProtocol::H2,
-        "h2 (HTTP/2 over TLS) needs TLS to backends, which lbwasm does not have yet; use \"h2c\" for cleartext HTTP/2",
     )?;
     s.refuse(
         "via",
@@ -306,6 +377,37 @@ fn listener(
     let managed = s.sub("managed", &l.managed, |m, t| {
         managed(m, t, &listed, sockets)
     })?;
+    let tls = s.sub("tls", &l.tls, listener_tls)?;
+    let mut backend_tls = s.sub("backend_tls", &l.backend_tls, backend_tls)?;
+    if backend_protocol == BackendProtocol::H2 && backend_tls.is_none() {
+        backend_tls = Some(BackendTls::default());
+    }
+    let server_names = match &l.server_names {
+        None => Vec::new(),
+        Some(list) => {
+            let at = &list.at;
+            if !tcp {
+                return Err(s.error(
+                    "server_names",
+                    at,
+                    "server_names routes TLS pass-through on tcp listeners; an http listener \
+                     with [listener.tls] picks its certificate by SNI ([[listener.tls.certificate]] names)",
+                ));
+            }
+            if tls.is_some() {
+                return Err(s.error(
+                    "server_names",
+                    at,
+                    "server_names passes TLS through untouched, [listener.tls] terminates it: \
+                     a listener does one or the other",
+                ));
+            }
+            if list.items.is_empty() {
+                return Err(s.error("server_names", at, "expected at least one server name"));
+            }
+            list.items.iter().map(|n| n.value.clone()).collect()
+        }
+    };
     if backends.is_empty() && managed.is_none() {
         return Err(
             s.whole("no backends: add [[listener.backend]] entries or a [listener.managed] pool")
@@ -331,6 +433,134 @@ fn listener(
         load_report: load_report.unwrap_or_else(|| (!tcp).then(LoadReport::default)),
         backends,
         managed,
+        tls,
+        backend_tls,
+        server_names,
+    })
+}
+
+/// `[listener.tls]`: every certificate is read and checked now, so that a missing file, a
+/// key that does not match or a name the certificate does not cover is refused at start
+/// (and by a reload) naming its key.
+fn listener_tls(s: &Scope<'_>, t: &FileTls) -> Result<ListenerTls, ConfigError> {
+    let provider = tls::provider();
+    let mut certs = Vec::new();
+    match (&t.cert, &t.key) {
+        (Some(cert), Some(key)) => {
+            let spec = CertSpec {
+                cert: s.src.resolve(&cert.at, cert.value.as_ref()),
+                key: s.src.resolve(&key.at, key.value.as_ref()),
+                names: Vec::new(),
+            };
+            check_cert(s, &spec, cert, key, None, &provider)?;
+            certs.push(spec);
+        }
+        (Some(_), None) => {
+            return Err(s.whole("missing required key `key` (the certificate's private key)"));
+        }
+        (None, Some(_)) => {
+            return Err(s.whole("missing required key `cert` (the certificate the key is for)"));
+        }
+        (None, None) => {}
+    }
+    for (i, c) in t
+        .certificate
+        .iter()
+        .flat_map(|list| list.items.iter().enumerate())
+    {
+        let scope = s.table(&format!("certificate[{i}]"), c);
+        certs.push(certificate(&scope, &c.value, &provider)?);
+    }
+    if certs.is_empty() {
+        return Err(s.whole(
+            "no certificate: set cert and key, or add [[listener.tls.certificate]] entries",
+        ));
+    }
+    Ok(ListenerTls {
+        certs,
+        min_version: value_or(&t.min_version, tls::TlsVersion::V12),
+        default_for_unknown: value_or(&t.unknown_name, true),
+        session_tickets: value_or(&t.session_tickets, true),
+        check_interval: value_or(&t.check_interval, Duration::from_secs(5)),
+    })
+}
+
+/// One `[[listener.tls.certificate]]`.
+fn certificate(
+    s: &Scope<'_>,
+    c: &FileCert,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertSpec, ConfigError> {
+    let cert = s.require("cert", &c.cert)?;
+    let key = s.require("key", &c.key)?;
+    let spec = CertSpec {
+        cert: s.src.resolve(&cert.at, cert.value.as_ref()),
+        key: s.src.resolve(&key.at, key.value.as_ref()),
+        names: c.names.as_ref().map_or_else(Vec::new, |l| {
+            l.items.iter().map(|n| n.value.clone()).collect()
+        }),
+    };
+    let names_at = c.names.as_ref().map(|l| &l.at);
+    check_cert(s, &spec, cert, key, names_at, provider)?;
+    Ok(spec)
+}
+
+/// Loads `spec` as the server will, blaming the key whose file (or names) is wrong.
+fn check_cert(
+    s: &Scope<'_>,
+    spec: &CertSpec,
+    cert: &At<NonEmpty>,
+    key: &At<NonEmpty>,
+    names: Option<&Origin>,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<(), ConfigError> {
+    match tls::certs::load(spec, provider) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.part {
+            Part::Cert => s.error("cert", &cert.at, e.message),
+            Part::Key => s.error("key", &key.at, e.message),
+            Part::Names => s.error("names", names.unwrap_or(&cert.at), e.message),
+        }),
+    }
+}
+
+/// `[listener.backend_tls]`: the files are read when the server starts (its error names
+/// the listener); here, what must go together.
+fn backend_tls(s: &Scope<'_>, t: &FileBackendTls) -> Result<BackendTls, ConfigError> {
+    let path = |f: &At<NonEmpty>| s.src.resolve(&f.at, f.value.as_ref());
+    let client_cert = match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => Some((path(c), path(k))),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(
+                s.whole("missing required key `key` (the client certificate's private key)")
+            );
+        }
+        (None, Some(_)) => {
+            return Err(
+                s.whole("missing required key `cert` (the client certificate the key is for)")
+            );
+        }
+    };
+    if let Some(ca) = &t.ca
+        && let Err(e) = tls::certs::read_chain(&path(ca))
+    {
+        return Err(s.error("ca", &ca.at, e));
+    }
+    if let Some(name) = &t.server_name
+        && rustls_pki_types::ServerName::try_from(name.value.as_str()).is_err()
+    {
+        return Err(s.error(
+            "server_name",
+            &name.at,
+            "expected a DNS name or an IP address",
+        ));
+    }
+    Ok(BackendTls {
+        ca: t.ca.as_ref().map(path),
+        server_name: t.server_name.as_ref().map(|n| n.value.clone()),
+        client_cert,
+        insecure_skip_verify: value_or(&t.insecure_skip_verify, false),
     })
 }
 
@@ -419,8 +649,8 @@ fn health(
     s.refuse(
         "type",
         &h.kind,
-        |t| *t == CheckType::Grpc && backend_protocol != BackendProtocol::H2c,
-        "gRPC runs over HTTP/2: a grpc check needs backend_protocol = \"h2c\"",
+        |t| *t == CheckType::Grpc && backend_protocol == BackendProtocol::Http1,
+        "gRPC runs over HTTP/2: a grpc check needs backend_protocol = \"h2c\" or \"h2\"",
     )?;
     s.refuse(
         "path",
@@ -471,7 +701,7 @@ fn health(
         Some(path) => HealthKind::Http {
             path: path.value.clone(),
             expect_status: value_or(&h.expect_status, 200),
-            http2: backend_protocol == BackendProtocol::H2c,
+            http2: matches!(backend_protocol, BackendProtocol::H2c | BackendProtocol::H2),
         },
         None => HealthKind::Tcp,
     };

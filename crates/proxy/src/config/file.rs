@@ -15,8 +15,8 @@ use serde::{Deserialize, Deserializer};
 use serde_path_to_error::{Path as KeyPath, Segment};
 
 use super::leaf::{
-    AdminHost, BackendAddr, Deadline, Int, ListenerName, NO_MAX, NonEmpty, OptionValue, Positive,
-    Raw, Text, UrlPath,
+    AdminHost, BackendAddr, Deadline, Int, ListenerName, MinVersion, NO_MAX, NonEmpty, OptionValue,
+    Positive, Raw, ServerNamePattern, Text, UnknownName, UrlPath,
 };
 use super::value::{At, DATETIME_KEY, Item, List, Origin, Table};
 use super::{
@@ -40,6 +40,7 @@ pub(super) struct FileAdmin {
     pub token: Option<At<NonEmpty>>,
     pub allow_remote: Option<At<bool>>,
     pub hosts: Option<List<At<AdminHost>>>,
+    pub tls: Option<Table<FileTls>>,
 }
 
 /// `[[listener]]`.
@@ -63,6 +64,43 @@ pub(super) struct FileListener {
     pub load_report: Option<Table<FileLoadReport>>,
     pub backend: Option<List<Table<FileBackend>>>,
     pub managed: Option<Table<FileManaged>>,
+    pub tls: Option<Table<FileTls>>,
+    pub backend_tls: Option<Table<FileBackendTls>>,
+    pub server_names: Option<List<At<ServerNamePattern>>>,
+}
+
+/// `[listener.tls]`: termination, with a certificate in `cert`/`key` and/or more in
+/// `[[listener.tls.certificate]]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTls {
+    pub cert: Option<At<NonEmpty>>,
+    pub key: Option<At<NonEmpty>>,
+    pub min_version: Option<At<MinVersion>>,
+    pub unknown_name: Option<At<UnknownName>>,
+    pub session_tickets: Option<At<bool>>,
+    pub check_interval: Option<At<Positive>>,
+    pub certificate: Option<List<Table<FileCert>>>,
+}
+
+/// `[[listener.tls.certificate]]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCert {
+    pub cert: Option<At<NonEmpty>>,
+    pub key: Option<At<NonEmpty>>,
+    pub names: Option<List<At<ServerNamePattern>>>,
+}
+
+/// `[listener.backend_tls]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileBackendTls {
+    pub ca: Option<At<NonEmpty>>,
+    pub server_name: Option<At<NonEmpty>>,
+    pub cert: Option<At<NonEmpty>>,
+    pub key: Option<At<NonEmpty>>,
+    pub insecure_skip_verify: Option<At<bool>>,
 }
 
 /// `[listener.plugin_options]`: free-form, in file order (flags replace in place or append).
@@ -193,6 +231,14 @@ impl Item for Table<FileListener> {
 
 impl Item for Table<FileBackend> {
     const ARRAY: &'static str = "an array of tables ([[listener.backend]])";
+}
+
+impl Item for Table<FileCert> {
+    const ARRAY: &'static str = "an array of tables ([[listener.tls.certificate]])";
+}
+
+impl Item for At<ServerNamePattern> {
+    const ARRAY: &'static str = "an array of server names (\"a.example\", \"*.example\")";
 }
 
 impl Item for At<AdminHost> {

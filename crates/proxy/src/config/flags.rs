@@ -40,9 +40,9 @@ pub struct ServeArgs {
     /// What the listener carries: http (default) or tcp.
     #[arg(long, value_name = "http|tcp")]
     pub protocol: Option<String>,
-    /// What an http listener speaks to its backends: http1 (default) or h2c (HTTP/2
-    /// without TLS, as gRPC servers do).
-    #[arg(long = "backend-protocol", value_name = "http1|h2c")]
+    /// What an http listener speaks to its backends: http1 (default), h2c (HTTP/2
+    /// without TLS, as gRPC servers do) or h2 (HTTP/2 over TLS, ALPN).
+    #[arg(long = "backend-protocol", value_name = "http1|h2c|h2")]
     pub backend_protocol: Option<String>,
     /// Admin endpoint address, on loopback (e.g. 127.0.0.1:9900).
     #[arg(long, value_name = "ADDR")]
@@ -74,6 +74,34 @@ pub struct ServeArgs {
     /// standard output.
     #[arg(long, value_name = "FILE|-")]
     pub access_log: Option<String>,
+    /// Terminate TLS on the listener with this certificate chain (PEM, leaf first); with
+    /// --tls-key. Sets [listener.tls] cert.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The private key (PEM) of --tls-cert. Sets [listener.tls] key.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// Speak TLS to the backends, trusting the system's roots (or --backend-ca).
+    #[arg(long = "backend-tls")]
+    pub backend_tls: bool,
+    /// CA certificates (PEM) that backend certificates must chain to; implies
+    /// --backend-tls.
+    #[arg(long = "backend-ca", value_name = "FILE")]
+    pub backend_ca: Option<String>,
+    /// The name sent as SNI to backends and verified in their certificates (default:
+    /// the backend's IP address); implies --backend-tls.
+    #[arg(long = "backend-server-name", value_name = "NAME")]
+    pub backend_server_name: Option<String>,
+    /// Client certificate (PEM) presented to backends (mTLS), with --backend-key;
+    /// implies --backend-tls.
+    #[arg(long = "backend-cert", value_name = "FILE")]
+    pub backend_cert: Option<String>,
+    /// The private key (PEM) of --backend-cert.
+    #[arg(long = "backend-key", value_name = "FILE")]
+    pub backend_key: Option<String>,
+    /// Accept any backend certificate. For testing only: logged loudly at start.
+    #[arg(long = "backend-insecure-skip-verify")]
+    pub backend_insecure_skip_verify: bool,
     /// Log filter in tracing's EnvFilter syntax, e.g. info or lbwasm=debug. Used by the
     /// binary; the TOML file has no counterpart.
     #[arg(long, value_name = "LEVEL")]
@@ -110,6 +138,18 @@ impl ServeArgs {
             || self.backend_protocol.is_some()
             || self.hash_key.is_some()
             || self.access_log.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.sets_backend_tls()
+    }
+
+    fn sets_backend_tls(&self) -> bool {
+        self.backend_tls
+            || self.backend_ca.is_some()
+            || self.backend_server_name.is_some()
+            || self.backend_cert.is_some()
+            || self.backend_key.is_some()
+            || self.backend_insecure_skip_verify
     }
 
     /// Writes the flags into the file's values.
@@ -210,6 +250,34 @@ impl ServeArgs {
         }
         set(&mut listener.hash_key, "--hash-key", &self.hash_key)?;
         set(&mut listener.access_log, "--access-log", &self.access_log)?;
+        if self.tls_cert.is_some() || self.tls_key.is_some() {
+            let by = if self.tls_cert.is_some() {
+                "--tls-cert"
+            } else {
+                "--tls-key"
+            };
+            let tls = listener.tls.get_or_insert_with(|| created(by));
+            set(&mut tls.value.cert, "--tls-cert", &self.tls_cert)?;
+            set(&mut tls.value.key, "--tls-key", &self.tls_key)?;
+        }
+        if self.sets_backend_tls() {
+            let tls = listener
+                .backend_tls
+                .get_or_insert_with(|| created("--backend-tls"));
+            let t = &mut tls.value;
+            set(&mut t.ca, "--backend-ca", &self.backend_ca)?;
+            set(
+                &mut t.server_name,
+                "--backend-server-name",
+                &self.backend_server_name,
+            )?;
+            set(&mut t.cert, "--backend-cert", &self.backend_cert)?;
+            set(&mut t.key, "--backend-key", &self.backend_key)?;
+            if self.backend_insecure_skip_verify {
+                t.insecure_skip_verify =
+                    Some(flag("--backend-insecure-skip-verify", Raw::Bool(true))?);
+            }
+        }
         if !self.backends.is_empty() {
             let backend = |address: &String| -> Result<_, ConfigError> {
                 let address = Some(text_flag("--backends", address.trim())?);

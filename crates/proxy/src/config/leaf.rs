@@ -203,7 +203,8 @@ impl Text for ProxyProtocol {
 
 impl Text for HashKey {
     type Value = HashKey;
-    const WHAT: &'static str = "\"header:NAME\", \"cookie:NAME\", \"path\" or \"client-ip\"";
+    const WHAT: &'static str =
+        "\"header:NAME\", \"cookie:NAME\", \"path\", \"client-ip\" or \"sni\"";
     fn parse(text: &str) -> Option<HashKey> {
         // Header and cookie names are HTTP tokens (RFC 9110 `tchar`s).
         let token = |prefix: &str| {
@@ -214,6 +215,7 @@ impl Text for HashKey {
         match text {
             "path" => Some(HashKey::Path),
             "client-ip" => Some(HashKey::ClientIp),
+            "sni" => Some(HashKey::Sni),
             _ => token("header:")
                 .map(|name| HashKey::Header(name.to_ascii_lowercase()))
                 .or_else(|| token("cookie:").map(|name| HashKey::Cookie(name.to_owned()))),
@@ -364,5 +366,60 @@ pub(super) fn parse_addr(text: &str) -> Option<SocketAddr> {
     match text.strip_prefix("localhost:") {
         Some(port) => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port.parse().ok()?))),
         None => text.parse().ok(),
+    }
+}
+
+/// A server name as SNI carries it, or a `*.` wildcard for one label, or `*` for any
+/// name: lower case, a trailing dot dropped.
+pub(super) struct ServerNamePattern;
+
+impl Text for ServerNamePattern {
+    type Value = String;
+    const WHAT: &'static str =
+        "a server name (\"a.example\"), a wildcard for one label (\"*.example\") or \"*\"";
+    fn parse(text: &str) -> Option<String> {
+        let name = text.trim_end_matches('.').to_ascii_lowercase();
+        if name == "*" {
+            return Some(name);
+        }
+        let rest = name.strip_prefix("*.").unwrap_or(&name);
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        (!rest.is_empty() && name.len() <= 253 && rest.split('.').all(label)).then_some(name)
+    }
+}
+
+/// `min_version` of `[listener.tls]`.
+pub(super) struct MinVersion;
+
+impl Text for MinVersion {
+    type Value = crate::tls::TlsVersion;
+    const WHAT: &'static str = "\"1.2\" or \"1.3\"";
+    fn parse(text: &str) -> Option<crate::tls::TlsVersion> {
+        match text {
+            "1.2" => Some(crate::tls::TlsVersion::V12),
+            "1.3" => Some(crate::tls::TlsVersion::V13),
+            _ => None,
+        }
+    }
+}
+
+/// `unknown_name` of `[listener.tls]`: whether the default certificate answers names no
+/// certificate claims (`"default"`), or the handshake fails (`"refuse"`).
+pub(super) struct UnknownName;
+
+impl Text for UnknownName {
+    type Value = bool;
+    const WHAT: &'static str = "\"default\" or \"refuse\"";
+    fn parse(text: &str) -> Option<bool> {
+        match text {
+            "default" => Some(true),
+            "refuse" => Some(false),
+            _ => None,
+        }
     }
 }

@@ -45,6 +45,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::tls::{BackendTls, CertSpec, ListenerTls, TlsVersion};
 pub use error::ConfigError;
 pub use flags::ServeArgs;
 
@@ -87,6 +88,10 @@ pub struct AdminConfig {
     /// lower case, beside its own address and `localhost:PORT`: a name without a port is
     /// accepted with none and with the admin port. From `hosts` and `--admin-host`.
     pub hosts: Vec<String>,
+    /// HTTPS (`[admin.tls]`, the same keys as `[listener.tls]`); required with
+    /// `allow_remote` on a non-loopback address, where the token would otherwise cross the
+    /// network in cleartext.
+    pub tls: Option<ListenerTls>,
 }
 
 /// One listening socket with its pool and the plugin that balances it.
@@ -132,6 +137,15 @@ pub struct ListenerConfig {
     pub backends: Vec<BackendConfig>,
     /// Backends the proxy spawns and restarts itself.
     pub managed: Option<Managed>,
+    /// TLS termination (`[listener.tls]`, `--tls-cert`); none: cleartext.
+    pub tls: Option<ListenerTls>,
+    /// TLS to the backends (`[listener.backend_tls]`, `--backend-tls`); also set, with
+    /// the system's roots, by `backend_protocol = "h2"`.
+    pub backend_tls: Option<BackendTls>,
+    /// TCP listeners: TLS pass-through routed by the ClientHello's server name to this
+    /// listener's pool when it matches (exact, `*.` one label, `*` any); listeners sharing
+    /// an address share one socket. Empty: no routing.
+    pub server_names: Vec<String>,
 }
 
 /// The version of HAProxy's PROXY protocol a TCP listener speaks to its backends.
@@ -180,7 +194,8 @@ pub enum BackendProtocol {
     /// HTTP/2 over cleartext TCP (prior knowledge): many requests per connection, each
     /// balanced on its own; what gRPC backends speak.
     H2c,
-    /// HTTP/2 over TLS, negotiated by ALPN: needs TLS to backends, refused until it lands.
+    /// HTTP/2 over TLS, negotiated by ALPN (`[listener.backend_tls]`, or the system's
+    /// roots when absent).
     H2,
 }
 
@@ -215,8 +230,10 @@ pub enum HashKey {
     Cookie(String),
     /// Path and query.
     Path,
-    /// Client IP without port; the only key a TCP listener can use.
+    /// Client IP without port.
     ClientIp,
+    /// The server name of a TLS ClientHello: TCP listeners (pass-through or terminating).
+    Sni,
 }
 
 /// Per-listener timeouts; all must be > 0.

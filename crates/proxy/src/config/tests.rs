@@ -305,7 +305,7 @@ fn unknown_keys() {
         e,
         "lbwasm.toml:6: listener[0].helth: unknown key (expected one of: name, listen, \
          protocol, backend_protocol, plugin, plugin_options, hash_key, access_log, proxy_protocol, via, \
-         timeouts, retry, health, passive, load_report, backend, managed)"
+         timeouts, retry, health, passive, load_report, backend, managed, tls, backend_tls, server_names)"
     );
     let mut lines = BASE.to_vec();
     lines.insert(0, "worker = 2");
@@ -565,7 +565,7 @@ fn protocol_conflicts() {
     assert_eq!(
         error(&lines),
         "lbwasm.toml:3: listener[0].hash_key: a tcp listener has no headers, cookies or \
-         paths; it can only hash on \"client-ip\""
+         paths; it can hash on \"client-ip\" or \"sni\""
     );
 }
 
@@ -636,7 +636,7 @@ fn health_check_type_errors() {
     assert_eq!(
         error(&base_with(&["[listener.health]", "type = \"grpc\""])),
         "lbwasm.toml:7: listener[0].health.type: gRPC runs over HTTP/2: a grpc check needs \
-         backend_protocol = \"h2c\""
+         backend_protocol = \"h2c\" or \"h2\""
     );
     assert_eq!(
         error(&base_with(&["[listener.health]", "type = \"tcp\""])),
@@ -747,7 +747,7 @@ fn cross_field_checks() {
     assert_eq!(
         error(&lines),
         "lbwasm.toml:2: listener[0].hash_key: expected \"header:NAME\", \"cookie:NAME\", \
-         \"path\" or \"client-ip\", got \"header:\""
+         \"path\", \"client-ip\" or \"sni\", got \"header:\""
     );
     assert_eq!(
         error(&base_with(&["plugin_options = { key = [1] }"])),
@@ -777,6 +777,7 @@ fn admin_checks() {
         token: Some("s3cret".into()),
         allow_remote: false,
         hosts: Vec::new(),
+        tls: None,
     };
     assert_eq!(config.admin, Some(expected));
     assert_eq!(
@@ -796,12 +797,20 @@ fn admin_checks() {
                 .into()
         )
     );
-    admin(&[
-        "listen = \"0.0.0.0:9900\"",
-        "allow_remote = true",
-        "token = \"t\"",
-    ])
-    .expect("valid");
+    assert_eq!(
+        admin(&[
+            "listen = \"0.0.0.0:9900\"",
+            "allow_remote = true",
+            "token = \"t\"",
+        ])
+        .map_err(|e| e.to_string()),
+        Err(
+            "lbwasm.toml:2: admin.listen: a remotely reachable admin endpoint needs TLS \
+             ([admin.tls] cert and key): its token and the pool's state would otherwise cross \
+             the network in cleartext"
+                .into()
+        )
+    );
     assert_eq!(
         admin(&["listen = \"127.0.0.1:8000\""]).map_err(|e| e.to_string()),
         Err(
@@ -849,6 +858,7 @@ fn flags_only() {
             token: Some("t".into()),
             allow_remote: false,
             hosts: Vec::new(),
+            tls: None,
         })
     );
     let l = &config.listeners[0];
@@ -1093,8 +1103,8 @@ fn errors_between_file_and_flags() {
     };
     assert_eq!(
         args.load().expect_err("bad").to_string(),
-        "--hash-key: expected \"header:NAME\", \"cookie:NAME\", \"path\" or \"client-ip\", \
-         got \"query\""
+        "--hash-key: expected \"header:NAME\", \"cookie:NAME\", \"path\", \"client-ip\" or \
+         \"sni\", got \"query\""
     );
 }
 

@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 use crate::config::{BackendProtocol, HealthCheck, HealthKind, LoadReport, Passive};
 use crate::pool::{Backend, BackendState, LoadFigures, Pool};
 use crate::proxy::ListenerShared;
+use crate::tls::Upstream;
 use lbwasm_plugin_host::clock_ms;
 
 /// Largest load report read.
@@ -68,7 +69,13 @@ pub async fn active_checks(listener: Arc<ListenerShared>) {
             .into_iter()
             .filter(|b| !b.current_state().draining)
             .collect();
-        let results = join_all(members.iter().map(|b| probe(b.addr, &hc.kind, hc.timeout))).await;
+        let tls = listener.upstream.as_deref();
+        let results = join_all(
+            members
+                .iter()
+                .map(|b| probe(b.addr, tls, &hc.kind, hc.timeout)),
+        )
+        .await;
         listener.pool.update(|changes| {
             for (b, ok) in members.iter().zip(results) {
                 changes.state(b, |st| apply_check(&listener, b, st, ok, &hc));
@@ -111,10 +118,17 @@ fn apply_check(
 }
 
 /// One check: true when the backend answered as expected within `timeout`.
-pub async fn probe(addr: SocketAddr, kind: &HealthKind, timeout: Duration) -> bool {
+/// With `tls`, the check speaks TLS as the pool does (a TCP check completes the
+/// handshake too: a backend whose certificate fails is not ready for traffic).
+pub async fn probe(
+    addr: SocketAddr,
+    tls: Option<&Upstream>,
+    kind: &HealthKind,
+    timeout: Duration,
+) -> bool {
     match kind {
         HealthKind::Tcp => matches!(
-            tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+            tokio::time::timeout(timeout, dial(addr, tls)).await,
             Ok(Ok(_))
         ),
         HealthKind::Http {
@@ -122,11 +136,11 @@ pub async fn probe(addr: SocketAddr, kind: &HealthKind, timeout: Duration) -> bo
             expect_status,
             http2,
         } => {
-            let call = get_in(addr, path, 0, *http2);
+            let call = get_in(addr, tls, path, 0, *http2);
             matches!(tokio::time::timeout(timeout, call).await, Ok(Ok((status, _))) if status == *expect_status)
         }
         HealthKind::Grpc { service } => {
-            match tokio::time::timeout(timeout, grpc_check(addr, service)).await {
+            match tokio::time::timeout(timeout, grpc_check(addr, tls, service)).await {
                 Ok(Ok(serving)) => serving,
                 Ok(Err(error)) => {
                     tracing::debug!(backend = %addr, %error, "gRPC health check failed");
@@ -154,10 +168,11 @@ const SERVING: u64 = 1;
 /// `limit` bytes; 0 = not read) and trailers.
 async fn h2c_call(
     addr: SocketAddr,
+    tls: Option<&Upstream>,
     req: Request<Full<Bytes>>,
     limit: usize,
 ) -> anyhow::Result<(u16, http::HeaderMap, Bytes, Option<http::HeaderMap>)> {
-    let stream = TcpStream::connect(addr).await?;
+    let stream = dial(addr, tls).await?;
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     let task = AbortOnDrop(tokio::spawn(conn));
@@ -183,13 +198,17 @@ async fn h2c_call(
 
 /// The gRPC health check: true when the call answers HTTP 200, `grpc-status` 0 and a
 /// `HealthCheckResponse` saying `SERVING`; an error says what else came.
-async fn grpc_check(addr: SocketAddr, service: &str) -> anyhow::Result<bool> {
+async fn grpc_check(
+    addr: SocketAddr,
+    tls: Option<&Upstream>,
+    service: &str,
+) -> anyhow::Result<bool> {
     let req = Request::post(format!("http://{addr}{GRPC_HEALTH_CHECK}"))
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
         .header(header::USER_AGENT, USER_AGENT)
         .body(Full::new(grpc_health_request(service)))?;
-    let (status, headers, body, trailers) = h2c_call(addr, req, MAX_CHECK_ANSWER).await?;
+    let (status, headers, body, trailers) = h2c_call(addr, tls, req, MAX_CHECK_ANSWER).await?;
     anyhow::ensure!(status == 200, "HTTP status {status}");
     // In the trailers, or in the headers of a Trailers-Only answer.
     let grpc_status = trailers
@@ -285,8 +304,13 @@ fn varint(buf: &[u8]) -> anyhow::Result<(u64, &[u8])> {
 
 /// A one-off `GET path` on a fresh connection (`Connection: close`): status and up to
 /// `limit` bytes of body.
-pub async fn get(addr: SocketAddr, path: &str, limit: usize) -> anyhow::Result<(u16, Bytes)> {
-    let stream = TcpStream::connect(addr).await?;
+pub async fn get(
+    addr: SocketAddr,
+    tls: Option<&Upstream>,
+    path: &str,
+    limit: usize,
+) -> anyhow::Result<(u16, Bytes)> {
+    let stream = dial(addr, tls).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let task = AbortOnDrop(tokio::spawn(conn));
     let req = Request::get(path)
@@ -312,18 +336,35 @@ pub async fn get(addr: SocketAddr, path: &str, limit: usize) -> anyhow::Result<(
 /// [`get`] over HTTP/2 with prior knowledge when `http2` (the pool speaks h2c).
 async fn get_in(
     addr: SocketAddr,
+    tls: Option<&Upstream>,
     path: &str,
     limit: usize,
     http2: bool,
 ) -> anyhow::Result<(u16, Bytes)> {
     if !http2 {
-        return get(addr, path, limit).await;
+        return get(addr, tls, path, limit).await;
     }
     let req = Request::get(format!("http://{addr}{path}"))
         .header(header::USER_AGENT, USER_AGENT)
         .body(Full::new(Bytes::new()))?;
-    let (status, _, body, _) = h2c_call(addr, req, limit).await?;
+    let (status, _, body, _) = h2c_call(addr, tls, req, limit).await?;
     Ok((status, body))
+}
+
+/// A check's connection: TCP, or TLS over it as the pool speaks to its backends.
+trait CheckIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> CheckIo for T {}
+
+/// A connection for one check.
+async fn dial(addr: SocketAddr, tls: Option<&Upstream>) -> anyhow::Result<Box<dyn CheckIo>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(match tls {
+        None => Box::new(tcp),
+        // The caller's timeout bounds the whole check; this one is only a backstop.
+        Some(tls) => Box::new(tls.connect(tcp, addr, Duration::from_secs(30)).await?),
+    })
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
@@ -369,16 +410,19 @@ pub async fn load_reports(listener: Arc<ListenerShared>) {
                 .collect()
         };
         // In the pool's protocol: an h2c-only backend (a gRPC server) answers nothing else.
-        let http2 = listener.settings.load().backend_protocol == BackendProtocol::H2c;
+        let http2 = matches!(
+            listener.settings.load().backend_protocol,
+            BackendProtocol::H2c | BackendProtocol::H2
+        );
+        let tls = listener.upstream.as_deref();
         let wait = lr
             .interval
             .clamp(Duration::from_millis(100), Duration::from_secs(2));
-        let results = join_all(
-            members
-                .iter()
-                .map(|b| tokio::time::timeout(wait, get_in(b.addr, &lr.path, MAX_REPORT, http2))),
-        )
-        .await;
+        let results =
+            join_all(members.iter().map(|b| {
+                tokio::time::timeout(wait, get_in(b.addr, tls, &lr.path, MAX_REPORT, http2))
+            }))
+            .await;
         let mut reports = Vec::with_capacity(members.len());
         for (b, res) in members.iter().zip(results) {
             let body = match res {

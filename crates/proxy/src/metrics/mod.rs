@@ -66,6 +66,8 @@ pub struct ListenerStatus<'a> {
     pub pool: &'a Pool,
     /// Its current plugin (call, fault and fallback counters).
     pub plugin: &'a Plugin,
+    /// Its TLS termination (handshake counters), if any.
+    pub tls: Option<&'a crate::tls::Terminator>,
 }
 
 impl Metrics {
@@ -258,6 +260,59 @@ impl Metrics {
                     out,
                     "lbwasm_grpc_calls_total{{listener=\"{}\",grpc_status=\"{label}\"}} {n}",
                     esc(st.name),
+                );
+            }
+        }
+        header(
+            &mut out,
+            "lbwasm_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed on a listener, by protocol version and ALPN protocol.",
+        );
+        for st in status {
+            let Some(tls) = st.tls else { continue };
+            for (version, alpn, n) in tls.handshakes.completed() {
+                let _ = writeln!(
+                    out,
+                    "lbwasm_tls_handshakes_total{{listener=\"{}\",version=\"{version}\",alpn=\"{alpn}\"}} {n}",
+                    esc(st.name),
+                );
+            }
+        }
+        header(
+            &mut out,
+            "lbwasm_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed, by reason (not_tls: cleartext to a TLS port; \
+             incompatible: no common version, cipher or ALPN; unknown_name: an SNI no \
+             certificate serves, refused; client_alert: the client refused ours; closed: \
+             gone or too slow).",
+        );
+        for st in status {
+            let Some(tls) = st.tls else { continue };
+            for (reason, n) in tls.handshakes.failed() {
+                let _ = writeln!(
+                    out,
+                    "lbwasm_tls_handshake_failures_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
+                    esc(st.name),
+                );
+            }
+        }
+        header(
+            &mut out,
+            "lbwasm_tls_certificate_expiry_seconds",
+            "gauge",
+            "When each certificate a listener serves expires (notAfter, Unix time).",
+        );
+        for st in status {
+            let Some(tls) = st.tls else { continue };
+            for c in tls.certificates() {
+                let _ = writeln!(
+                    out,
+                    "lbwasm_tls_certificate_expiry_seconds{{listener=\"{}\",serial=\"{}\"}} {}",
+                    esc(st.name),
+                    esc(&c.serial),
+                    c.not_after_unix
                 );
             }
         }

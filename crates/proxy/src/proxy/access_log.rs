@@ -6,6 +6,9 @@
 //! 127.0.0.1 - - [30/Nov/2026:12:40:02 +0000] "TCP" 200 5120 "-" "-" "127.0.0.1:9201" 2.504 1 380
 //! ```
 //!
+//! On a TLS listener an HTTP line ends with the protocol version and the ALPN protocol
+//! (`TLSv1.3 h2`; `-` when none was negotiated), as NGINX's `$ssl_protocol`.
+//!
 //! The bytes are the body sent to the client (HTTP), or the bytes relayed to the client
 //! then those from it (TCP). The time is from the request's head (or the connection's
 //! accept) to the end of the response body (or of the connection). A TCP `status` is 200
@@ -187,6 +190,8 @@ pub(super) struct Pending {
     tries: usize,
     /// Body bytes handed to the client connection.
     pub(super) sent: u64,
+    /// TLS version and ALPN protocol, written after the attempts on a TLS listener.
+    pub(super) tls: Option<(&'static str, &'static str)>,
 }
 
 impl Pending {
@@ -196,6 +201,7 @@ impl Pending {
         client: IpAddr,
         head: &ReqHead,
         start: Instant,
+        tls: Option<(&'static str, &'static str)>,
     ) -> Self {
         let mut text = Vec::with_capacity(128);
         text.extend_from_slice(head.method.as_str().as_bytes());
@@ -223,6 +229,7 @@ impl Pending {
             backend: None,
             tries: 0,
             sent: 0,
+            tls,
         }
     }
 
@@ -239,6 +246,7 @@ impl Pending {
             backend: None,
             tries: 0,
             sent: 0,
+            tls: None,
         }
     }
 
@@ -270,7 +278,11 @@ impl Drop for Pending {
             out.extend_from_slice(agent);
             out.extend_from_slice(b"\" \"");
             backend(out, self.backend);
-            let _ = writeln!(out, "\" {secs:.3} {}", self.tries);
+            let _ = write!(out, "\" {secs:.3} {}", self.tries);
+            if let Some((version, alpn)) = self.tls {
+                let _ = write!(out, " {version} {alpn}");
+            }
+            out.push(b'\n');
         });
     }
 }

@@ -11,12 +11,10 @@ use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use super::stream::Stream;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use lbwasm_http::{BodyDecoder, BodyFraming, Decoded};
-use tokio::net::TcpStream;
-
-use super::sock;
 
 /// Read buffer growth step while a request body streams.
 const BODY_READ: usize = 16 * 1024;
@@ -28,7 +26,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A client's HTTP/1.1 connection as its requests and bodies share it.
 pub(crate) struct ClientIo {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     /// Bytes read and not yet consumed: the next head, body bytes, pipelined requests.
     pub(super) buf: RefCell<BytesMut>,
     /// The current request's body has been read to its end (or it had none).
@@ -43,7 +41,7 @@ pub(crate) struct ClientIo {
 impl ClientIo {
     /// A connection with nothing read yet; `idle`: how long a response may wait for the
     /// client to take a byte.
-    pub(super) fn new(stream: TcpStream, idle: Duration) -> Self {
+    pub(super) fn new(stream: Stream, idle: Duration) -> Self {
         ClientIo {
             stream,
             buf: RefCell::new(BytesMut::new()),
@@ -156,7 +154,13 @@ impl ClientBody {
             }
             let from = CONTINUE.len() - self.continue_left;
             match self.io.stream.try_write(&CONTINUE[from..]) {
-                Ok(n) => self.continue_left -= n,
+                Ok(n) => {
+                    self.continue_left -= n;
+                    if self.continue_left == 0 {
+                        // Over TLS the records may still be in the session: out they go.
+                        ready!(self.io.stream.poll_flush(cx))?;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(self.io.stream.poll_write_ready(cx))?;
                 }
@@ -207,7 +211,7 @@ impl Body for ClientBody {
             }
             ready!(this.poll_continue(cx))?;
             ready!(this.io.stream.poll_read_ready(cx))?;
-            match sock::read_buf(&this.io.stream, &mut this.io.buf.borrow_mut()) {
+            match this.io.stream.read_buf(&mut this.io.buf.borrow_mut()) {
                 Ok(0) => {
                     return Poll::Ready(Some(Err(
                         "client closed the connection before the end of its body".into(),
@@ -258,9 +262,9 @@ mod tests {
             let cuts = splits(&mut rng, input.len());
             let expect_continue = case % 3 == 0;
 
-            let mut client = TcpStream::connect(addr).await.unwrap();
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
-            let io = Rc::new(ClientIo::new(server, Duration::from_secs(5)));
+            let io = Rc::new(ClientIo::new(Stream::Plain(server), Duration::from_secs(5)));
             io.body_done.set(false);
             let mut request = ClientBody::new(io.clone(), framing, expect_continue);
             request.start();

@@ -29,14 +29,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
-use http::header::HeaderValue;
 use http_body::{Body as _, SizeHint};
 use http_body_util::BodyExt as _;
 use lbwasm_http::{
     BodyDecoder, CHUNK_END, Decoded, Framing, LAST_CHUNK, MAX_HEAD, ReqHead, ResponseHead,
     parse_response, push_size_line,
 };
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
@@ -45,6 +43,8 @@ use super::body::{BoxError, ReqBody};
 use super::h2c::H2Pool;
 use super::headers;
 use super::sock::{self, ConnectError, write_all};
+use super::stream::Stream;
+use crate::tls::Upstream;
 
 /// Idle connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
@@ -104,6 +104,7 @@ impl ConnPool {
         backend: u32,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&Upstream>,
         unsolicited: impl FnOnce(usize),
     ) -> Result<Conn, ConnectError> {
         let mut unsolicited = Some(unsolicited);
@@ -125,7 +126,7 @@ impl ConnPool {
                 }
             }
         }
-        self.connect(addr, connect_timeout).await
+        self.connect(addr, connect_timeout, tls).await
     }
 
     /// A new connection, bypassing the idle ones.
@@ -133,8 +134,9 @@ impl ConnPool {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&Upstream>,
     ) -> Result<Conn, ConnectError> {
-        let stream = sock::connect(addr, connect_timeout).await?;
+        let stream = sock::connect_stream(addr, connect_timeout, tls).await?;
         Ok(Conn {
             conn: BackendConn {
                 stream: Rc::new(stream),
@@ -199,7 +201,7 @@ impl ConnPool {
 /// An HTTP/1.1 connection to a backend, between exchanges or during one.
 pub(crate) struct BackendConn {
     /// Shared with the task uploading a request body, while there is one.
-    pub(crate) stream: Rc<TcpStream>,
+    pub(crate) stream: Rc<Stream>,
     /// Bytes read and not yet consumed (the rest of a body, after its head).
     pub(crate) buf: BytesMut,
     /// The request head being written (kept: its capacity serves the next request).
@@ -293,9 +295,22 @@ impl BackendConn {
     /// that bytes the reactor has not reported yet are seen too.
     fn idle_state(&self) -> IdleState {
         let mut probe = [MaybeUninit::<u8>::uninit(); 64];
-        match socket2::SockRef::from(&*self.stream).peek(&mut probe) {
+        if self.stream.has_buffered() {
+            return IdleState::Unsolicited(1);
+        }
+        match socket2::SockRef::from(self.stream.tcp()).peek(&mut probe) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleState::Clean,
             Err(_) | Ok(0) => IdleState::Closed,
+            Ok(n) if self.stream.is_tls() => {
+                // TLS records: session tickets and the like are the session's own; only
+                // plaintext (or the end) says something about the connection.
+                let mut scratch = BytesMut::new();
+                match self.stream.read_buf(&mut scratch) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleState::Clean,
+                    Err(_) | Ok(0) => IdleState::Closed,
+                    Ok(_) => IdleState::Unsolicited(n),
+                }
+            }
             Ok(n) => IdleState::Unsolicited(n),
         }
     }
@@ -319,7 +334,7 @@ impl BackendConn {
     pub(crate) async fn send(
         &mut self,
         req: &ReqHead,
-        client: &HeaderValue,
+        client: &headers::Forwarded,
         body: &mut Option<ReqBody>,
         head_only: bool,
         via: bool,
@@ -475,7 +490,7 @@ impl BackendConn {
                 .readable()
                 .await
                 .map_err(|e| (SendErrorKind::Io(e), read))?;
-            match sock::read_buf(&self.stream, &mut self.buf) {
+            match self.stream.read_buf(&mut self.buf) {
                 Ok(0) => return Err((SendErrorKind::Closed, read)),
                 Ok(n) => read += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -487,7 +502,7 @@ impl BackendConn {
 
 /// Streams the client's body to the backend, chunk-encoded when its length is unknown.
 async fn upload(
-    stream: &TcpStream,
+    stream: &Stream,
     mut body: ReqBody,
     chunked: bool,
     state: &Cell<Upload>,
@@ -693,7 +708,7 @@ fn poll_fill(conn: &mut BackendConn, cx: &mut Context<'_>) -> Poll<io::Result<us
     }
     loop {
         ready!(conn.stream.poll_read_ready(cx))?;
-        match sock::read_buf(&conn.stream, &mut conn.buf) {
+        match conn.stream.read_buf(&mut conn.buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             done => return Poll::Ready(done),
         }

@@ -19,6 +19,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
+use super::stream::Stream;
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt as _;
@@ -26,14 +27,13 @@ use lbwasm_http::{
     BodyFraming, CHUNK_END, ChunkDecoder, LAST_CHUNK, MAX_HEAD, ParsedRequest, Reject, ReqHead,
     ResponseFraming, parse_request, push_field, push_size_line, reject, write_response_head,
 };
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::body::{ClientBody, ClientIo, ReqBody};
 use super::date;
 use super::drain::Drain;
 use super::response::Reply;
-use super::sock::{self, write_all};
+use super::sock::write_all;
 use super::tunnel;
 
 /// Read buffer growth step.
@@ -70,7 +70,7 @@ pub(super) trait Exchange {
 /// being written) lives in an allocation of its own for the exchange's life.
 pub(super) async fn serve(
     ctx: Rc<impl Exchange>,
-    stream: TcpStream,
+    stream: Stream,
     drain: Rc<Drain>,
     idle: Duration,
 ) {
@@ -247,7 +247,7 @@ async fn next_head(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_CHUNK);
         }
-        match sock::read_buf(&io.stream, &mut buf) {
+        match io.stream.read_buf(&mut buf) {
             Ok(0) => return Next::Closed,
             // A head has the idle timeout to arrive whole, from its first byte: a client
             // trickling one byte at a time cannot hold the connection forever.
@@ -386,14 +386,14 @@ const TRAILER_FORBIDDEN: [http::HeaderName; 5] = [
 /// first, then what the client still sends is read and dropped for a while, so that its
 /// kernel does not answer our close with a reset that destroys the response unread.
 async fn linger(io: &ClientIo) {
-    let _ = socket2::SockRef::from(&io.stream).shutdown(std::net::Shutdown::Write);
+    io.stream.shutdown_write();
     let _ = tokio::time::timeout(LINGER, async {
         let mut sink = [0u8; 16 * 1024];
         loop {
-            if io.stream.readable().await.is_err() {
+            if io.stream.tcp().readable().await.is_err() {
                 return;
             }
-            match io.stream.try_read(&mut sink) {
+            match io.stream.tcp().try_read(&mut sink) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

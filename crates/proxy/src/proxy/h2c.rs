@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use super::body::{BoxError, ReqBody};
 use super::exec::LocalExec;
 use super::sock::{self, ConnectError};
+use crate::tls::Upstream;
 
 /// How much of a request body is kept while it streams, so that a request the backend
 /// provably did not process can go again: a gRPC unary call fits many times over.
@@ -196,6 +197,7 @@ impl H2Pool {
         id: u32,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&Upstream>,
         req: Request<UpBody>,
         fresh: bool,
     ) -> Result<(Response<Incoming>, StreamSlot), H2Error> {
@@ -212,7 +214,7 @@ impl H2Pool {
                 continue;
             }
             let made = Connecting::start(&self.connecting, id);
-            let connected = connect(addr, connect_timeout).await;
+            let connected = connect(addr, connect_timeout, tls).await;
             drop(made);
             let c = connected.map_err(H2Error::Connect)?;
             let mut all = self.conns.borrow_mut();
@@ -275,8 +277,12 @@ impl H2Pool {
 }
 
 /// A new HTTP/2 connection (prior knowledge) to `addr`, its driver spawned on this worker.
-async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<H2Conn, ConnectError> {
-    let stream = sock::connect(addr, connect_timeout).await?;
+async fn connect(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    tls: Option<&Upstream>,
+) -> Result<H2Conn, ConnectError> {
+    let stream = sock::connect_stream(addr, connect_timeout, tls).await?;
     let (send, conn) = Builder::new(LocalExec)
         .handshake::<_, UpBody>(TokioIo::new(stream))
         .await

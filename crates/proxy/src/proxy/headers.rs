@@ -13,8 +13,26 @@ use lbwasm_http::{Fields, ReqHead, end_request_head, push_field, write_request_l
 use crate::config::HashKey;
 
 /// The `X-Forwarded-For` value this proxy adds for a client (computed once per connection).
-pub(crate) fn client_value(client: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+pub(crate) fn client_value(client: IpAddr) -> Forwarded {
+    Forwarded {
+        addr: HeaderValue::from_str(&client.to_string())
+            .unwrap_or(HeaderValue::from_static("unknown")),
+        https: false,
+    }
+}
+
+/// The client as the forwarding fields tell the backend about it.
+pub(crate) struct Forwarded {
+    /// Its `X-Forwarded-For` element.
+    pub(crate) addr: HeaderValue,
+    /// It came over TLS: `X-Forwarded-Proto: https`.
+    pub(crate) https: bool,
+}
+
+impl Forwarded {
+    fn proto(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
 }
 
 /// Makes a client request fit to send to an HTTP/1.1 backend: origin-form target, a `Host`
@@ -78,7 +96,7 @@ const REWRITTEN: [&[u8]; 6] = [
 pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     head: &ReqHead,
-    client: &HeaderValue,
+    client: &Forwarded,
     via: bool,
     length: Option<u64>,
     chunked: bool,
@@ -101,8 +119,10 @@ pub(crate) fn encode_request(
         out.extend_from_slice(last);
         out.extend_from_slice(b"\r\n");
     };
-    extended(out, "x-forwarded-for", client.as_bytes());
-    out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    extended(out, "x-forwarded-for", client.addr.as_bytes());
+    out.extend_from_slice(b"x-forwarded-proto: ");
+    out.extend_from_slice(client.proto().as_bytes());
+    out.extend_from_slice(b"\r\n");
     if via {
         let received: &[u8] = match head.version {
             Version::HTTP_2 => b"2 lbwasm",
@@ -127,7 +147,7 @@ pub(crate) fn encode_request(
 /// client's: the error says which.
 pub(crate) fn h2_request<B>(
     head: &ReqHead,
-    client: &HeaderValue,
+    client: &Forwarded,
     via: bool,
     trailers: bool,
     authority: &str,
@@ -174,10 +194,10 @@ pub(crate) fn h2_request<B>(
         }
         all
     };
-    if let Some(v) = extended(&joined("x-forwarded-for"), client.as_bytes()) {
+    if let Some(v) = extended(&joined("x-forwarded-for"), client.addr.as_bytes()) {
         map.insert(X_FORWARDED_FOR, v);
     }
-    map.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    map.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto()));
     if via {
         let received: &[u8] = match head.version {
             Version::HTTP_2 => b"2 lbwasm",
@@ -235,6 +255,8 @@ pub(crate) fn hash_key(key: Option<&HashKey>, head: &ReqHead, client: IpAddr) ->
                 .to_string(),
         ),
         HashKey::ClientIp => Some(client.to_string()),
+        // A TCP listener's key; an HTTP request has no ClientHello of its own to offer.
+        HashKey::Sni => None,
     }
 }
 

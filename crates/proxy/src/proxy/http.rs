@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use http::header::HeaderValue;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -40,13 +39,19 @@ use super::local::{LocalListener, NoBackend};
 use super::orca;
 use super::response::{Blame, Reply, ResBody};
 use super::sock::ConnectError;
+use super::stream::Stream;
 use crate::config::BackendProtocol;
 use crate::pool::InFlight;
+use crate::tls::TlsConn;
 use lbwasm_plugin_host::{Protocol, RequestInfo};
+
+/// A TLS handshake longer than this fails (or the idle timeout, when shorter).
+const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// Serves one client connection until it closes, goes idle for `timeouts.idle`, or the
 /// worker drains (then in-flight requests finish and the connection closes gracefully).
-/// HTTP/1.1 is the proxy's own server ([`super::h1`]); HTTP/2 (prior knowledge) is hyper's.
+/// HTTP/1.1 is the proxy's own server ([`super::h1`]); HTTP/2 is hyper's: by prior
+/// knowledge in cleartext, by ALPN over TLS.
 pub(super) async fn serve(
     local: Rc<LocalListener>,
     stream: TcpStream,
@@ -57,16 +62,19 @@ pub(super) async fn serve(
     // Boxed, as both protocols' states below: the task's own future stays a few words.
     let detect = async {
         tokio::select! {
-            // None: closed first, or silent for the idle timeout.
-            detected = tokio::time::timeout(idle, speaks_h2(&stream)) => detected.ok().flatten(),
+            // None: closed first, silent for the idle timeout, or a failed handshake.
+            detected = open(&local, stream, peer, idle) => detected,
             () = drain.started() => None,
         }
     };
-    let Some(h2) = Box::pin(detect).await else {
+    let Some((stream, h2)) = Box::pin(detect).await else {
         return; // closed, silent, or the worker drains
     };
-    let client = headers::client_value(peer.ip());
+    let mut client = headers::client_value(peer.ip());
+    client.https = stream.is_tls();
+    let tls = stream.tls_info();
     let ctx = Rc::new(ConnCtx {
+        tls,
         local: local.clone(),
         peer,
         client,
@@ -80,11 +88,37 @@ pub(super) async fn serve(
     }
 }
 
-/// Serves HTTP/2 (prior knowledge) on `stream` with hyper.
+/// The connection's stream (handshaken, on a TLS listener) and whether it speaks HTTP/2.
+async fn open(
+    local: &LocalListener,
+    stream: TcpStream,
+    peer: SocketAddr,
+    idle: Duration,
+) -> Option<(Stream, bool)> {
+    let Some(tls) = &local.shared.tls else {
+        let h2 = tokio::time::timeout(idle, speaks_h2(&stream))
+            .await
+            .ok()??;
+        return Some((Stream::Plain(stream), h2));
+    };
+    match tls.accept(stream, idle.min(HANDSHAKE)).await {
+        Ok(accepted) => {
+            let h2 = accepted.conn.alpn_protocol() == Some(b"h2");
+            let conn = TlsConn::new(accepted.tcp, accepted.conn);
+            Some((Stream::Tls(Box::new(conn)), h2))
+        }
+        Err((failure, error)) => {
+            tracing::debug!(listener = %local.shared.name, %peer, reason = failure.label(), %error, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// Serves HTTP/2 on `stream` with hyper.
 async fn serve_h2(
     local: Rc<LocalListener>,
     ctx: Rc<ConnCtx>,
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     drain: Rc<Drain>,
     idle: Duration,
@@ -153,8 +187,10 @@ async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
 pub(super) struct ConnCtx {
     local: Rc<LocalListener>,
     peer: SocketAddr,
-    /// The client's address as an `X-Forwarded-For` element.
-    client: HeaderValue,
+    /// The client as the forwarding fields name it.
+    client: headers::Forwarded,
+    /// TLS version and ALPN protocol, for the access log; none in cleartext.
+    tls: Option<(&'static str, &'static str)>,
 }
 
 /// Why an attempt failed.
@@ -354,6 +390,7 @@ impl Exchange for ConnCtx {
         if log.enabled() {
             let mut line = Pending::without_request(log, self.peer.ip(), Instant::now());
             line.answered(status.as_u16(), None, 0);
+            line.tls = self.tls;
             res.body.log(line);
         }
         res
@@ -375,7 +412,7 @@ impl Exchange for ConnCtx {
         let pending = local
             .log
             .enabled()
-            .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start));
+            .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start, self.tls));
         let call = GrpcCall::of(&head);
         let mut tries = 0;
         let (mut res, backend, answered) = self
@@ -430,7 +467,10 @@ impl ConnCtx {
             });
         // `te: trailers` goes on to an HTTP/2 backend (before the hop-by-hop fields go).
         let trailers = call.is_some() || head.trailers;
-        let h2 = settings.backend_protocol == BackendProtocol::H2c;
+        let h2 = matches!(
+            settings.backend_protocol,
+            BackendProtocol::H2c | BackendProtocol::H2
+        );
         let mut tee: Option<Tee> = None;
         // First: the key and the plugin see the request as the backend will (an
         // absolute-form target's authority as its Host).
@@ -576,6 +616,7 @@ impl ConnCtx {
                     backend.id,
                     backend.addr,
                     settings.timeouts.connect,
+                    self.local.shared.upstream(),
                     req,
                     fresh,
                 ),
@@ -656,13 +697,19 @@ impl ConnCtx {
             let conn = if fresh {
                 self.local
                     .conns
-                    .connect(backend.addr, timeouts.connect)
+                    .connect(backend.addr, timeouts.connect, self.local.shared.upstream())
                     .await
             } else {
                 let unasked = |bytes| attempts.unasked(backend, bytes);
                 let conns = &self.local.conns;
                 conns
-                    .get(backend.id, backend.addr, timeouts.connect, unasked)
+                    .get(
+                        backend.id,
+                        backend.addr,
+                        timeouts.connect,
+                        self.local.shared.upstream(),
+                        unasked,
+                    )
                     .await
             };
             let mut conn = conn.map_err(|e| Failure::Connect(backend.addr, e))?;

@@ -22,7 +22,8 @@
 //! - [`access_log`]: a line per request or connection, buffered per worker.
 //! - [`response`]: a response's lifecycle as it streams; [`body`]: request bodies;
 //!   [`activity`]: what an HTTP/2 connection's idle timeout watches.
-//! - [`headers`] (forwarding policy), [`budget`], [`sock`] (connects, reads, writes),
+//! - [`headers`] (forwarding policy), [`budget`], [`sock`] (connects, writes), [`stream`]
+//!   (a connection plain or TLS, read and written by shared reference),
 //!   [`exec`] (hyper's executor on a worker), [`date`]: the pieces the HTTP path is made of. What HTTP/1.1 bytes mean is the codec's, [`lbwasm_http`].
 //!
 //! Health, load reports and managed processes are not here: they run on the control plane
@@ -47,6 +48,7 @@ mod orca;
 mod proxy_header;
 mod response;
 mod sock;
+mod stream;
 mod tcp;
 mod tunnel;
 mod worker;
@@ -64,6 +66,7 @@ use crate::config::{
     ProxyProtocol, Retry, Timeouts,
 };
 use crate::pool::{Backend, Pool};
+use crate::tls::{Terminator, Upstream};
 use lbwasm_plugin_host::Plugin;
 
 /// One listener as everything outside the workers sees it: the pool, the plugin and the
@@ -83,20 +86,51 @@ pub struct ListenerShared {
     pub settings: Arc<ArcSwap<Settings>>,
     /// Where requests are logged; reopened by a reload.
     pub access_log: AccessLog,
+    /// TLS termination: the certificates, reloaded in place.
+    pub tls: Option<Arc<Terminator>>,
+    /// TLS to the backends; fixed for the listener's life.
+    pub upstream: Option<Arc<Upstream>>,
+    /// SNI routing (TCP pass-through): the names this listener's pool takes.
+    pub server_names: Vec<String>,
     events: UnboundedSender<Event>,
 }
 
 impl ListenerShared {
+    /// The TLS client for backend connections, if the pool speaks TLS.
+    pub(crate) fn upstream(&self) -> Option<&Upstream> {
+        self.upstream.as_deref()
+    }
+
     /// A listener over `pool` with `plugin`; workers send passive-health events to `events`.
-    /// Fails if the access log cannot be opened.
+    /// Fails if the access log cannot be opened, or a certificate or CA file cannot be
+    /// used.
     pub fn new(
         index: usize,
         config: &ListenerConfig,
         pool: Arc<Pool>,
         plugin: Arc<Plugin>,
         events: UnboundedSender<Event>,
-    ) -> std::io::Result<Self> {
+    ) -> anyhow::Result<Self> {
+        let alpn: &[&[u8]] = match config.protocol {
+            Protocol::Http => &[b"h2", b"http/1.1"],
+            Protocol::Tcp => &[],
+        };
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(Terminator::new(&config.name, t, alpn)?)),
+            None => None,
+        };
+        let h2 = config.backend_protocol == BackendProtocol::H2;
+        let upstream = match &config.backend_tls {
+            Some(t) => Some(Arc::new(
+                Upstream::new(&config.name, t, h2)
+                    .map_err(|e| anyhow::anyhow!("backend_tls: {e:#}"))?,
+            )),
+            None => None,
+        };
         Ok(ListenerShared {
+            tls,
+            upstream,
+            server_names: config.server_names.clone(),
             index,
             name: config.name.clone(),
             protocol: config.protocol,

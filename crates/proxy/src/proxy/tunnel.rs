@@ -9,17 +9,16 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::client::BackendConn;
+use super::stream::Stream;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
-use tokio::net::TcpStream;
-
-use super::client::BackendConn;
 
 /// Relays between a client connection that switched protocols and the backend connection
 /// that switched: first what each side sent beyond the switch (`early`, the client's bytes
 /// after its request head; the backend's after its `101` head).
 pub(super) async fn switched(
-    mut client: TcpStream,
+    mut client: Stream,
     early: Bytes,
     conn: BackendConn,
     idle: Duration,

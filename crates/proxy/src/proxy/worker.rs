@@ -68,20 +68,35 @@ impl WorkerHandle {
     }
 }
 
+/// A listener on one worker: its socket, or none when it takes connections from another
+/// listener's socket (SNI routing: `routed_by` is that listener's index).
+struct Assigned {
+    shared: Arc<ListenerShared>,
+    socket: Option<std::net::TcpListener>,
+    routed_by: usize,
+}
+
 /// Starts one worker per entry of each listener's socket list (`sockets[l][w]` is worker
-/// `w`'s socket for listener `l`). Workers run until `shutdown` holds a deadline, then drain.
+/// `w`'s socket for listener `l`; empty for a listener whose connections come through
+/// another's socket, `routed_by[l]`, by SNI). Workers run until `shutdown` holds a
+/// deadline, then drain.
 pub fn spawn_workers(
     listeners: &[Arc<ListenerShared>],
     sockets: Vec<Vec<std::net::TcpListener>>,
+    routed_by: &[usize],
     metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<Option<Instant>>,
 ) -> anyhow::Result<Vec<WorkerHandle>> {
     let workers = sockets.iter().map(Vec::len).max().unwrap_or(0);
-    let mut per_worker: Vec<Vec<(Arc<ListenerShared>, std::net::TcpListener)>> =
-        (0..workers).map(|_| Vec::new()).collect();
-    for (shared, list) in listeners.iter().zip(sockets) {
-        for (w, socket) in list.into_iter().enumerate() {
-            per_worker[w].push((shared.clone(), socket));
+    let mut per_worker: Vec<Vec<Assigned>> = (0..workers).map(|_| Vec::new()).collect();
+    for (l, (shared, list)) in listeners.iter().zip(sockets).enumerate() {
+        let mut list = list.into_iter();
+        for assigned in &mut per_worker {
+            assigned.push(Assigned {
+                shared: shared.clone(),
+                socket: list.next(),
+                routed_by: routed_by.get(l).copied().unwrap_or(l),
+            });
         }
     }
     let mut handles = Vec::with_capacity(workers);
@@ -103,7 +118,7 @@ pub fn spawn_workers(
 
 fn run(
     index: usize,
-    listeners: Vec<(Arc<ListenerShared>, std::net::TcpListener)>,
+    listeners: Vec<Assigned>,
     shard: Arc<WorkerShard>,
     shutdown: watch::Receiver<Option<Instant>>,
     done: oneshot::Sender<()>,
@@ -126,22 +141,38 @@ fn run(
 
 async fn main(
     index: usize,
-    listeners: Vec<(Arc<ListenerShared>, std::net::TcpListener)>,
+    listeners: Vec<Assigned>,
     shard: Arc<WorkerShard>,
     mut shutdown: watch::Receiver<Option<Instant>>,
 ) {
     let conns = Rc::new(ConnPool::default());
     let drain = Rc::new(Drain::default());
     let mut accepts = Vec::new();
-    let mut locals = Vec::new();
-    for (shared, socket) in listeners {
-        let name = shared.name.clone();
+    let locals: Vec<Rc<LocalListener>> = listeners
+        .iter()
+        .map(|a| {
+            Rc::new(LocalListener::new(
+                a.shared.clone(),
+                shard.clone(),
+                conns.clone(),
+            ))
+        })
+        .collect();
+    let routed_by: Vec<usize> = listeners.iter().map(|a| a.routed_by).collect();
+    for (l, assigned) in listeners.into_iter().enumerate() {
+        let Some(socket) = assigned.socket else {
+            continue;
+        };
+        let name = assigned.shared.name.clone();
+        // The listeners this socket's connections go to: itself, and those routed by it.
+        let routes: Rc<[Rc<LocalListener>]> = (0..locals.len())
+            .filter(|&i| routed_by[i] == l)
+            .map(|i| locals[i].clone())
+            .collect();
         match TcpListener::from_std(socket) {
             Ok(listener) => {
-                let local = Rc::new(LocalListener::new(shared, shard.clone(), conns.clone()));
-                locals.push(local.clone());
                 accepts.push(tokio::task::spawn_local(accept_loop(
-                    local,
+                    routes,
                     listener,
                     drain.clone(),
                 )));
@@ -209,7 +240,11 @@ fn release_freed_pages() {
     unsafe { libmimalloc_sys::mi_collect(false) };
 }
 
-async fn accept_loop(local: Rc<LocalListener>, listener: TcpListener, drain: Rc<Drain>) {
+/// Accepts connections for `routes`: one listener, or (SNI routing) the listeners sharing
+/// this socket, the first of which owns it.
+async fn accept_loop(routes: Rc<[Rc<LocalListener>]>, listener: TcpListener, drain: Rc<Drain>) {
+    let local = routes[0].clone();
+    let routed = routes.len() > 1 || !local.shared.server_names.is_empty();
     let started = drain.started();
     tokio::pin!(started);
     loop {
@@ -228,8 +263,15 @@ async fn accept_loop(local: Rc<LocalListener>, listener: TcpListener, drain: Rc<
                         http::serve(l, stream, peer, d).await;
                         drop(live);
                     }),
+                    Protocol::Tcp if routed => {
+                        let routes = routes.clone();
+                        tokio::task::spawn_local(async move {
+                            tcp::route(routes, stream, peer).await;
+                            drop((live, d, l));
+                        })
+                    }
                     Protocol::Tcp => tokio::task::spawn_local(async move {
-                        tcp::serve(l, stream, peer).await;
+                        tcp::accept(l, stream, peer).await;
                         drop((live, d));
                     }),
                 };

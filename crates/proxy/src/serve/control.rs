@@ -182,6 +182,10 @@ impl Control {
                 self.handle.spawn(health::inband_reports(l.clone()));
             }
             self.handle.spawn(health::slow_start(l.clone()));
+            if let Some(tls) = &l.tls {
+                self.handle
+                    .spawn(crate::tls::server::watch_files(tls.clone()));
+            }
         }
         let mut managed = self.managed();
         for (l, slot) in self.listeners.iter().zip(managed.iter_mut()) {
@@ -265,6 +269,7 @@ impl Control {
                         generation: snap.generation(),
                         healthy: snap.healthy_count(),
                         backends,
+                        tls: l.tls.as_ref().map(|t| t.certificates()),
                     },
                     backends: snap.backends().to_vec(),
                     plugin,
@@ -553,6 +558,7 @@ impl Control {
                 name: &l.name,
                 pool: &l.pool,
                 plugin: p,
+                tls: l.tls.as_deref(),
             })
             .collect();
         self.metrics.render(&status)
@@ -627,6 +633,18 @@ impl Control {
                     nl.name
                 ));
             }
+            if nl.tls.is_some() != ol.tls.is_some() {
+                warnings.push(format!(
+                    "listener {:?}: turning TLS on or off needs a restart",
+                    nl.name
+                ));
+            }
+            if nl.backend_tls != ol.backend_tls || nl.server_names != ol.server_names {
+                warnings.push(format!(
+                    "listener {:?}: backend_tls or server_names change needs a restart",
+                    nl.name
+                ));
+            }
             if nl.managed != ol.managed {
                 warnings.push(format!(
                     "listener {:?}: managed pool change needs a restart",
@@ -675,6 +693,18 @@ impl Control {
                 changes.push(format!("{}: access log", nl.name));
             }
             shared.access_log.install(log);
+            // Certificates are read again even when the file names are the same: a
+            // renewal replaces the files in place. The configuration check already
+            // loaded them, so a bad one never got this far.
+            if let (Some(tls), Some(settings)) = (&shared.tls, &nl.tls) {
+                match tls.reload(settings) {
+                    Ok(c) => changes.extend(c),
+                    Err(e) => warnings.push(format!(
+                        "listener {:?}: certificates not reloaded, the previous ones stay: {e}",
+                        nl.name
+                    )),
+                }
+            }
             let settings = Settings::from_config(nl);
             if **shared.settings.load() != settings {
                 changes.push(format!("{}: settings", nl.name));

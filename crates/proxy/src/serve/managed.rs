@@ -138,7 +138,7 @@ async fn wait_ready(
         if let Ok(Some(status)) = child.try_wait() {
             return Ready::Exited(status.to_string());
         }
-        if crate::health::probe(addr, &kind, timeout).await {
+        if crate::health::probe(addr, listener.upstream.as_deref(), &kind, timeout).await {
             return Ready::Yes;
         }
         if Instant::now() >= deadline {

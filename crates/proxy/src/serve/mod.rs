@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 
-use crate::config::{AdminConfig, Config, PluginRef, ServeArgs};
+use crate::config::{AdminConfig, Config, ListenerConfig, PluginRef, ServeArgs};
 use crate::metrics::Metrics;
 use crate::pool::{Backend, Pool};
 use crate::proxy::{self, ListenerShared, WorkerHandle};
@@ -160,9 +160,16 @@ impl Server {
                 .with_context(|| format!("listener {:?}", l.name))?;
             plugins.push(plugin);
         }
+        let routed_by = routed_by(&config.listeners);
         let mut sockets = Vec::with_capacity(config.listeners.len());
-        let mut listen_addrs = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
+        let mut listen_addrs: Vec<SocketAddr> = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            if routed_by[i] != i {
+                // Its connections come through another listener's socket (SNI routing).
+                listen_addrs.push(listen_addrs[routed_by[i]]);
+                sockets.push(Vec::new());
+                continue;
+            }
             let s = proxy::bind(l.listen, config.workers)
                 .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, l.listen))?;
             listen_addrs.push(s[0].local_addr().context("reading a bound address")?);
@@ -206,7 +213,7 @@ impl Server {
         // Workers first: if they cannot start, no runtime has to be torn down (dropping one
         // inside the caller's async context would panic).
         let (stop_workers, stop_rx) = watch::channel(None);
-        let workers = proxy::spawn_workers(&listeners, sockets, &metrics, &stop_rx)?;
+        let workers = proxy::spawn_workers(&listeners, sockets, &routed_by, &metrics, &stop_rx)?;
         // On an error below, dropping `stop_workers` stops the workers.
         let control_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -300,6 +307,24 @@ impl Drop for Server {
 /// The most open files [`raise_fd_limit`] asks for: the kernel's own default ceiling
 /// (`fs.nr_open`), which a hard limit of "unlimited" would otherwise exceed.
 const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// For each listener, the listener whose socket its connections arrive on: itself, or for
+/// tcp listeners sharing an address by SNI routing (`server_names`), the first of them.
+fn routed_by(listeners: &[ListenerConfig]) -> Vec<usize> {
+    (0..listeners.len())
+        .map(|i| {
+            let same = |o: &ListenerConfig| o.listen == listeners[i].listen;
+            let routed = listeners
+                .iter()
+                .any(|o| same(o) && !o.server_names.is_empty());
+            if routed {
+                listeners.iter().position(same).unwrap_or(i)
+            } else {
+                i
+            }
+        })
+        .collect()
+}
 
 /// Raises this process's soft limit on open files to its hard limit (at most 2^20), as the
 /// Go runtime does at start, and returns the limit in force. Every proxied connection holds

@@ -34,6 +34,9 @@ pub struct ListenerReport {
     pub healthy: usize,
     /// Every member, in the order plugins see them.
     pub backends: Vec<BackendReport>,
+    /// A TLS listener's certificates (names, serial, expiry); absent in cleartext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Vec<crate::tls::CertInfo>>,
 }
 
 /// One backend: what plugins were told about it, its control-plane state and its live
