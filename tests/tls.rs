@@ -120,6 +120,13 @@ async fn serve_file(dir: &Path, listeners: &str, n: usize) -> Proxy {
     spawn(cmd, dir, n, true).await
 }
 
+/// `lbwasm serve --config` with one listener, `web` (round robin over `bs`), whose TLS is
+/// `tls` (a [`tls_section`]).
+async fn serve_web(pki: &Pki, bs: &[lbwasm::backend::BackendHandle], tls: &str) -> Proxy {
+    let text = listener("web", "round_robin", &addrs(bs), "", tls);
+    serve_file(pki.dir.path(), &text, 1).await
+}
+
 /// Runs `lbwasm serve --config` on `text` (written as-is to `dir/lbwasm.toml`), which must
 /// fail; its standard error.
 async fn refused(dir: &Path, text: &str) -> String {
@@ -190,14 +197,7 @@ async fn sni_chooses_the_certificate_and_unknown_names_get_the_default() {
         let a = pki.leaf("a", &["a.test"], 1001);
         let b = pki.leaf("b", &["b.test", "*.b.test"], 1002);
         let bs = demo_backends(1).await;
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
-            &tls_section(&a, "", &certificate(&b, None)),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        let proxy = serve_web(&pki, &bs, &tls_section(&a, "", &certificate(&b, None))).await;
         let addr = proxy.addr();
 
         for (name, want, which) in [
@@ -241,14 +241,7 @@ async fn unknown_names_are_refused_when_configured() {
         let pki = Pki::new("lbwasm test CA");
         let a = pki.leaf("a", &["a.test"], 1);
         let bs = demo_backends(1).await;
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
-            &tls_section(&a, "unknown_name = \"refuse\"", ""),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        let proxy = serve_web(&pki, &bs, &tls_section(&a, "unknown_name = \"refuse\"", "")).await;
         let addr = proxy.addr();
 
         let tls = connect(addr, pki.client(&[]), "a.test").await;
@@ -279,14 +272,7 @@ async fn alpn_h2_gets_http2_and_http1_keeps_alive() {
         let pki = Pki::new("lbwasm test CA");
         let a = pki.leaf("a", &["a.test"], 1);
         let bs = demo_backends(1).await;
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
-            &tls_section(&a, "", ""),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        let proxy = serve_web(&pki, &bs, &tls_section(&a, "", "")).await;
         let addr = proxy.addr();
         let id = id_of(&bs[0]);
 
@@ -432,14 +418,12 @@ async fn sighup_and_admin_reload_load_certificates_again_and_keep_open_connectio
         let v3 = pki.leaf("a3", &["a.test"], 3);
         let bs = demo_backends(1).await;
         // Files are looked at rarely: only the signal and the admin call reload here.
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
+        let proxy = serve_web(
+            &pki,
+            &bs,
             &tls_section(&live, "check_interval = \"1h\"", ""),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        )
+        .await;
         let addr = proxy.addr();
 
         let tls = connect(addr, pki.client(&["http/1.1"]), "a.test").await;
@@ -518,14 +502,12 @@ async fn changed_certificate_files_are_reloaded_without_a_signal() {
         let live = pki.leaf("a", &["a.test"], 1);
         let v2 = pki.leaf("a2", &["a.test"], 2);
         let bs = demo_backends(1).await;
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
+        let proxy = serve_web(
+            &pki,
+            &bs,
             &tls_section(&live, "check_interval = \"200ms\"", ""),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        )
+        .await;
         let addr = proxy.addr();
 
         let tls = connect(addr, pki.client(&["http/1.1"]), "a.test").await;
@@ -636,14 +618,7 @@ async fn an_expired_certificate_is_served_with_a_warning_naming_its_date() {
             p.not_after = rcgen::date_time_ymd(2020, 5, 6);
         });
         let bs = demo_backends(1).await;
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
-            &tls_section(&old, "", ""),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        let proxy = serve_web(&pki, &bs, &tls_section(&old, "", "")).await;
         let tls = connect(proxy.addr(), any_cert_client(&[]), "old.test").await;
         assert!(
             tls.leaf == old.der,
@@ -1021,14 +996,7 @@ async fn failed_handshakes_are_counted_in_metrics() {
         let pki = Pki::new("lbwasm test CA");
         let a = pki.leaf("a", &["a.test"], 81);
         let bs = demo_backends(1).await;
-        let text = listener(
-            "web",
-            "round_robin",
-            &addrs(&bs),
-            "",
-            &tls_section(&a, "", ""),
-        );
-        let proxy = serve_file(pki.dir.path(), &text, 1).await;
+        let proxy = serve_web(&pki, &bs, &tls_section(&a, "", "")).await;
         let addr = proxy.addr();
 
         // Plain HTTP to the TLS port: not a ClientHello, no HTTP answer.
