@@ -18,23 +18,19 @@
 //!   size give exactly the paper's table) and ends up with that share of the entries.
 //! * Retries (`attempt() = n > 0`) rehash the key with n as the seed (`HashFn::nth`); if
 //!   that lands on the first attempt's backend, the next slot holding another backend is taken.
-//! * The larger M, the fewer keys a removal moves (on 1,000 backends: 0.68% at 65,537, 0.30%
-//!   at 1,000,003; the minimum is 0.10%). Without `table_size`, M follows the pool: the first
-//!   prime above 1000·N, from 65,537 up to 1,000,003 (`ring::maglev_table_size`). It only
-//!   grows, when the pool outgrows it — that rebuild moves most keys once, as any change of
-//!   M does; it never shrinks.
+//! * M should exceed 100 × the number of backends for the paper's evenness; with more
+//!   backends than slots some get no entry.
 //!
 //! # Options
 //!
 //! | option | default | meaning |
 //! |---|---|---|
-//! | `table_size` | `auto` | M, a prime from 7 to 1000003; `auto`: sized from the pool |
+//! | `table_size` | 65537 | M, a prime from 7 to 1000003 |
 //! | `hash` | `xxh3` | key hash: `xxh3` or `fnv1a` |
 //! | `key` | `auto` | `auto`, `header:NAME`, `cookie:NAME`, `path` or `client-ip` |
 
 use lbwasm_plugin::hash::{HashFn, xxh3_seeded};
 use lbwasm_plugin::members::{Member, Members};
-use lbwasm_plugin::ring::{MAGLEV_MIN, maglev_resize, maglev_size_option};
 use lbwasm_plugin::select::reduced;
 use lbwasm_plugin::{Host, KeySource, Options, Plugin, Pool};
 
@@ -45,14 +41,18 @@ const SKIP_SEED: u64 = 0x6d61_676c_6576_0002;
 /// The Maglev algorithm.
 pub struct Maglev {
     size: u64,
-    /// A configured `table_size`; none: M follows the pool (`auto`).
-    fixed: Option<u64>,
     hash: HashFn,
     key: KeySource,
     /// The eligible servers with their effective weights; the table refers to them by position.
     members: Members,
     /// M entries, each a member position; empty without members.
     table: Vec<u32>,
+}
+
+/// Trial division: M is at most ~10⁶, so at most ~500 divisions, once at start-up.
+fn is_prime(n: u64) -> bool {
+    let mut divisors = (2..).take_while(|d| d * d <= n);
+    n >= 2 && divisors.all(|d| !n.is_multiple_of(d))
 }
 
 impl Maglev {
@@ -95,16 +95,21 @@ impl Maglev {
     }
 }
 
+/// Why a table size is refused.
+const NOT_PRIME: &str = "is not a prime (try 65537 or 655373)";
+
 impl Plugin for Maglev {
     const DESCRIPTION: &'static str =
         "Maglev consistent hashing: an evenly filled lookup table (Google, NSDI 2016)";
 
     fn configure(o: &mut Options) -> Result<Self, String> {
-        let fixed = maglev_size_option(o)?;
+        let size = o.number("table_size", 65_537u64, 7, 1_000_003)?;
+        if !is_prime(size) {
+            return Err(format!("option `table_size`: {size} {NOT_PRIME}"));
+        }
         let hash = HashFn::from_name(o.choice("hash", "xxh3", &HashFn::NAMES)?);
         Ok(Maglev {
-            size: fixed.unwrap_or(MAGLEV_MIN),
-            fixed,
+            size,
             hash: hash.unwrap_or(HashFn::Xxh3),
             key: KeySource::option(o, KeySource::Auto)?,
             members: Members::default(),
@@ -114,7 +119,6 @@ impl Plugin for Maglev {
 
     fn set_servers(&mut self, pool: &Pool) {
         if self.members.update_eligible(pool) {
-            self.size = maglev_resize(self.fixed, self.size, self.members.list().len());
             self.table = self.build();
         }
     }
@@ -263,43 +267,9 @@ mod tests {
         assert_eq!(p.members.changes(), 3);
     }
 
-    /// The keys that change backend when backend 500 of 1,000 is removed, out of 100,000,
-    /// and the table size.
-    fn moved_by_a_removal(pairs: &[(&str, &str)]) -> (u64, f64) {
-        const N: usize = 100_000;
-        let mut p = plugin(pairs);
-        let before = testing::key_map(&mut p, &Pool::new(servers(1000)), 0, N);
-        let size = p.size;
-        let mut fewer = servers(1000);
-        fewer.remove(500);
-        let after = testing::key_map(&mut p, &Pool::new(fewer), 0, N);
-        assert_eq!(p.size, size, "a removal never resizes the table");
-        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-        eprintln!(
-            "{pairs:?}: M = {size}, moved {:.3}%",
-            moved as f64 * 100.0 / N as f64
-        );
-        (size, moved as f64 / N as f64)
-    }
-
-    /// Without `table_size` the table follows the pool: on 1,000 backends it is 1,000,003
-    /// entries, and a removal moves under half the keys the classic 65,537 moves (the
-    /// minimum is the removed backend's 0.1%).
-    #[test]
-    fn the_table_follows_the_pool_and_a_removal_moves_few_keys() {
-        let (auto, auto_moved) = moved_by_a_removal(&[]);
-        assert_eq!(auto, 1_000_003);
-        let (_, fixed_moved) = moved_by_a_removal(&[("table_size", "65537")]);
-        assert!(
-            auto_moved < 0.5 * fixed_moved && auto_moved > 0.001,
-            "auto {auto_moved} vs 65537 {fixed_moved}"
-        );
-        let small = plugin(&[]);
-        assert_eq!(small.size, 65_537, "a small pool keeps the classic size");
-    }
-
     #[test]
     fn refuses_invalid_options() {
+        assert!(is_prime(7) && is_prime(65_537) && is_prime(1_000_003) && !is_prime(65_535));
         for (key, value) in [
             ("table_size", "65536"),
             ("table_size", "5"),

@@ -9,7 +9,6 @@
 use std::fmt::Write as _;
 
 use crate::members::{Member, Members};
-use crate::options::Options;
 
 /// Points beyond which a ring's virtual nodes are scaled down, so a huge weight cannot exhaust
 /// the sandbox's memory (16 bytes a point: 16 MiB).
@@ -124,59 +123,6 @@ impl Ring {
     }
 }
 
-/// Maglev's smallest table, and the size a pool of up to 65 backends gets: 65,537 entries
-/// (256 KiB), the size most implementations fix.
-pub const MAGLEV_MIN: u64 = 65_537;
-
-/// Maglev's largest table: 1,000,003 entries, 4 MB per plugin instance (one per worker).
-/// Pools of 1,000 backends and more get this size.
-pub const MAGLEV_MAX: u64 = 1_000_003;
-
-/// The Maglev table size for `n` backends when none is configured: the first prime above
-/// 1000·n, at least [`MAGLEV_MIN`] and at most [`MAGLEV_MAX`]. A pure function of `n`, so
-/// every worker and every replica with the same pool has the same table.
-///
-/// Why 1000·n and not the paper's M > 100·n: measured on 1,000 backends (100,000 keys, one
-/// removed), M = 65,537 moves 0.68% of the keys, 100,003 (100·n) still 0.68%, 655,373
-/// 0.44% and 1,000,003 0.30% — the minimal share being 0.10%. Only a table well past 100·n
-/// brings a removal's disruption down, and the table costs 4 bytes an entry.
-pub fn maglev_table_size(n: usize) -> u64 {
-    let want = (n as u64)
-        .saturating_mul(1000)
-        .clamp(MAGLEV_MIN, MAGLEV_MAX);
-    (want..=MAGLEV_MAX)
-        .find(|&m| is_prime(m))
-        .unwrap_or(MAGLEV_MAX)
-}
-
-/// Maglev's `table_size` option: a prime from 7 to [`MAGLEV_MAX`], or `auto` (the default):
-/// none, the size then follows the pool ([`maglev_resize`]).
-pub fn maglev_size_option(o: &mut Options) -> Result<Option<u64>, String> {
-    if o.string("table_size").is_none_or(|v| v == "auto") {
-        return Ok(None);
-    }
-    let size = o.number("table_size", MAGLEV_MIN, 7, MAGLEV_MAX)?;
-    if !is_prime(size) {
-        return Err(format!(
-            "option `table_size`: {size} is not a prime (try 65537 or 655373, or auto)"
-        ));
-    }
-    Ok(Some(size))
-}
-
-/// The size of a Maglev table rebuilt for `n` backends: the configured one, or with `auto`
-/// the current one grown to [`maglev_table_size`] — never shrunk, since any change of size
-/// moves most keys.
-pub fn maglev_resize(configured: Option<u64>, current: u64, n: usize) -> u64 {
-    configured.unwrap_or_else(|| current.max(maglev_table_size(n)))
-}
-
-/// Trial division: table sizes are at most ~10⁶, so at most ~500 divisions.
-pub fn is_prime(n: u64) -> bool {
-    let mut divisors = (2..).take_while(|d| d * d <= n);
-    n >= 2 && divisors.all(|d| !n.is_multiple_of(d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,21 +196,5 @@ mod tests {
         // Three slots: a's last node is left out, b keeps its one.
         let ring = Ring::slots(m.list(), 1, 3, |m, j| u64::from(m) + j);
         assert_eq!(ring.points(), [(0, 0), (1, 1), (2, 0)]);
-    }
-
-    #[test]
-    fn maglev_sizes_follow_the_pool_within_bounds() {
-        assert!(is_prime(MAGLEV_MIN) && is_prime(MAGLEV_MAX) && is_prime(100_003));
-        assert!(!is_prime(1) && !is_prime(65_535) && !is_prime(1_000_001));
-        assert_eq!(maglev_table_size(0), MAGLEV_MIN);
-        assert_eq!(maglev_table_size(3), MAGLEV_MIN);
-        assert_eq!(maglev_table_size(65), MAGLEV_MIN);
-        assert_eq!(maglev_table_size(100), 100_003);
-        assert_eq!(maglev_table_size(1_000), MAGLEV_MAX);
-        assert_eq!(maglev_table_size(20_000), MAGLEV_MAX);
-        for n in [66, 300, 999] {
-            let m = maglev_table_size(n);
-            assert!(is_prime(m) && m > 1000 * n as u64, "{n}: {m}");
-        }
     }
 }
