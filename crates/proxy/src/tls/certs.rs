@@ -78,7 +78,7 @@ impl Loaded {
         self.not_after < now
     }
 
-    /// The leaf's notAfter as an RFC 3339 date and time (UTC).
+    /// The leaf's notAfter as text, UTC (`Dec 13 13:32:03 2026 +00:00`).
     pub fn not_after_text(&self) -> String {
         x509_parser::time::ASN1Time::from_timestamp(self.not_after)
             .map(|t| t.to_string())

@@ -139,7 +139,7 @@ pub struct CertInfo {
     pub subject: String,
     /// Serial number, hex.
     pub serial: String,
-    /// notAfter, RFC 3339.
+    /// notAfter, as text (UTC).
     pub not_after: String,
     /// notAfter, seconds since the Unix epoch.
     pub not_after_unix: i64,
