@@ -27,7 +27,7 @@ use common::tls::{
 use common::{bounded, eventually};
 use hyper::{Method, StatusCode, Version};
 use rustls::ProtocolVersion;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
 /// A path as a TOML string (quoted, escaped).
@@ -1082,6 +1082,66 @@ async fn the_admin_api_serves_https_and_a_remote_one_requires_it() {
             stderr.contains("admin.listen") && stderr.contains("needs TLS"),
             "{stderr}"
         );
+    })
+    .await;
+}
+
+/// A client that opens a TLS connection and never finishes its handshake (silent, or
+/// half a ClientHello) is cut off by the listener's idle timeout, not held forever, and
+/// counted as a `closed` handshake failure; the listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_that_never_finish_are_cut_off() {
+    bounded(async {
+        let pki = Pki::new("lbwasm test CA");
+        let a = pki.leaf("a", &["a.test"], 95);
+        let bs = demo_backends(1).await;
+        let sections = format!(
+            "{}\n[listener.timeouts]\nidle = \"1s\"\n",
+            tls_section(&a, "", "")
+        );
+        let proxy = serve_web(&pki, &bs, &sections).await;
+        let addr = proxy.addr();
+        let silent = TcpStream::connect(addr).await.expect("connect");
+        let mut partial = TcpStream::connect(addr).await.expect("connect");
+        // A handshake record announcing 512 bytes, and a ClientHello header, then nothing.
+        partial
+            .write_all(&[22, 3, 1, 2, 0, 1, 0, 1, 252])
+            .await
+            .expect("write");
+        for (what, mut s) in [("silent", silent), ("half a ClientHello", partial)] {
+            let mut buf = [0u8; 64];
+            // Only a guard against a hang: the proxy closes it (EOF, or a reset).
+            let read = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(
+                read.is_ok(),
+                "{what}: the proxy never closed the connection"
+            );
+        }
+        let r = https_get(&pki, addr, "a.test", "/after").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let c = client();
+        let admin = proxy.admin();
+        eventually("both are counted as closed handshakes", || {
+            let c = c.clone();
+            async move {
+                let m = get(&c, admin, "/metrics").await.text();
+                let closed = sample(
+                    &m,
+                    "lbwasm_tls_handshake_failures_total",
+                    &["listener=\"web\"", "reason=\"closed\""],
+                );
+                closed.is_some_and(|v| v >= 2.0)
+            }
+        })
+        .await;
     })
     .await;
 }
