@@ -2,7 +2,7 @@
 //! writes on a stream shared by reference (a request's task and its body upload use one
 //! at once), waiting on readiness only when the socket is full.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,37 +22,35 @@ pub(crate) async fn write_all(
     mut data: &[u8],
     stall: Option<Duration>,
 ) -> io::Result<()> {
-    let stalled = |stall: Duration| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the peer took no byte for {stall:?}"),
-        )
-    };
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let ready = poll_fn(|cx| stream.poll_write_ready(cx));
-                match stall {
-                    None => ready.await?,
-                    Some(stall) => tokio::time::timeout(stall, ready)
-                        .await
-                        .map_err(|_| stalled(stall))??,
-                }
+                within_stall(stall, poll_fn(|cx| stream.poll_write_ready(cx))).await?;
             }
             Err(e) => return Err(e),
         }
     }
     if stream.is_tls() {
-        let flushed = poll_fn(|cx| stream.poll_flush(cx));
-        match stall {
-            None => flushed.await?,
-            Some(stall) => tokio::time::timeout(stall, flushed)
-                .await
-                .map_err(|_| stalled(stall))??,
-        }
+        within_stall(stall, poll_fn(|cx| stream.poll_flush(cx))).await?;
     }
     Ok(())
+}
+
+/// `wait` for the socket to take bytes, bounded by `stall` when given.
+async fn within_stall(
+    stall: Option<Duration>,
+    wait: impl Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    let Some(stall) = stall else {
+        return wait.await;
+    };
+    tokio::time::timeout(stall, wait).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took no byte for {stall:?}"),
+        )
+    })?
 }
 
 /// Why no connection could be had.

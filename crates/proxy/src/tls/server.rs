@@ -257,7 +257,6 @@ impl Terminator {
     async fn refuse_unknown(&self, tcp: &TcpStream) -> std::io::Result<()> {
         let mut buf = vec![0u8; hello::MAX_HELLO];
         loop {
-            tcp.readable().await?;
             let n = tcp.peek(&mut buf).await?;
             match hello::parse(&buf[..n]) {
                 Hello::Complete { server_name, .. } => {
@@ -280,8 +279,16 @@ impl Terminator {
                 // rustls says what is wrong with it.
                 Hello::NotTls(_) => return Ok(()),
                 Hello::Partial if n == buf.len() || n == 0 => return Ok(()),
-                // The rest is on its way: a peek sees the same bytes until it arrives.
-                Hello::Partial => tokio::time::sleep(Duration::from_millis(1)).await,
+                // The rest is on its way. A peek leaves the bytes, so tokio would call the
+                // socket ready again at once (a client stalling mid-hello would keep the
+                // worker spinning): the readiness is forgotten, and the next peek waits for
+                // new bytes. Sound on the workers' current-thread runtimes, where no event
+                // is processed between the peek and this (see `proxy::stream`).
+                Hello::Partial => {
+                    let _ = tcp.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock))
+                    });
+                }
             }
         }
     }
