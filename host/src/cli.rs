@@ -31,6 +31,29 @@ pub enum Command {
     /// Run backends, the proxy and simulated clients in one process, compare the plugins
     /// in a suite of experiments, and write a report (HTML, charts, JSON, CSV).
     Simulate(lbwasm_sim::simulate::SimulateArgs),
+    /// Cluster mode from outside a replica: write a file's pools into etcd, or show the
+    /// replicas and whether they run the latest configuration.
+    Cluster(ClusterArgs),
+}
+
+/// `lbwasm cluster seed|status`.
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+/// The cluster commands. Both take `serve`'s flags (`--config`, `--etcd`, `--cluster`),
+/// so they read the same `[cluster]` table a replica does.
+#[derive(Subcommand, Debug)]
+pub enum ClusterAction {
+    /// Write the file's listeners (backends, plugin, options) into the cluster store, each
+    /// only if the store has none for it yet (as the first replica does on its own).
+    Seed(lbwasm_proxy::config::ServeArgs),
+    /// Show the cluster's configuration, its live replicas, the configuration revision
+    /// each has applied and what differs; exit 2 when a replica is behind or differs.
+    Status(lbwasm_proxy::config::ServeArgs),
 }
 
 /// `lbwasm plugins [inspect FILE | export NAME [-o FILE]]`.
@@ -105,6 +128,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             lbwasm_sim::simulate::run_blocking(args, cli.log_level.is_some())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cluster(ClusterArgs { action }) => cluster(action),
         Command::Plugins(PluginsArgs { action: None }) => list_plugins(),
         Command::Plugins(PluginsArgs {
             action: Some(PluginsAction::Inspect { file }),
@@ -112,6 +136,38 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plugins(PluginsArgs {
             action: Some(PluginsAction::Export { name, output }),
         }) => export_plugin(&name, output),
+    }
+}
+
+/// `lbwasm cluster seed|status`.
+fn cluster(action: ClusterAction) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if let ClusterAction::Seed(args) | ClusterAction::Status(args) = &action
+        && args.check
+    {
+        anyhow::bail!("--check is `lbwasm serve --check`; `lbwasm cluster` has no check mode");
+    }
+    match action {
+        ClusterAction::Seed(args) => {
+            let config = args.load()?;
+            print!(
+                "{}",
+                rt.block_on(lbwasm_proxy::cluster::command::seed(&config))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterAction::Status(args) => {
+            let config = args.load_cluster()?;
+            let (text, all_same) = rt.block_on(lbwasm_proxy::cluster::command::status(&config))?;
+            print!("{text}");
+            Ok(if all_same {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
     }
 }
 

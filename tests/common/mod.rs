@@ -9,6 +9,8 @@
 //! - [`h2`]: h2c backends, one multiplexed client connection, gRPC framing;
 //! - [`backends`]: demo backends and hand-written test servers;
 //! - [`config`]: configuration text for an in-process [`lbwasm::serve::Server`];
+//! - [`etcd`]: a real etcd on 127.0.0.1 for the cluster tests;
+//! - [`dns`]: an in-process DNS server whose answers a test changes;
 //! - [`proxy`]: an in-process proxy and its admin API;
 //! - [`plugins`]: plugin options.
 
@@ -18,6 +20,8 @@
 
 pub mod backends;
 pub mod config;
+pub mod dns;
+pub mod etcd;
 pub mod h2;
 pub mod http;
 pub mod plugins;

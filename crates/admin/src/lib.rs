@@ -197,15 +197,15 @@ async fn route(control: &Control, token: Option<&str>, req: Request<Incoming>) -
     let res = match (&method, path.as_str()) {
         (&Method::GET, "/backends" | "/rep") => json(StatusCode::OK, &control.report()),
         (&Method::POST, "/backends/add" | "/add") => match body(req).await {
-            Ok(b) => answer(control.add(b)),
+            Ok(b) => answer(control.add(b).await),
             Err(e) => e.response(),
         },
         (&Method::POST, "/backends/remove" | "/rm") => match body(req).await {
-            Ok(b) => answer(control.remove(b)),
+            Ok(b) => answer(control.remove(b).await),
             Err(e) => e.response(),
         },
         (&Method::POST, "/backends/drain") => match body(req).await {
-            Ok(b) => answer(control.drain(b)),
+            Ok(b) => answer(control.drain(b).await),
             Err(e) => e.response(),
         },
         (&Method::POST, "/plugin") => match body(req).await {

@@ -64,6 +64,7 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
@@ -161,6 +162,7 @@ mod tests {
         assert_eq!(status(ControlError::NotFound("x".into())), 404);
         assert_eq!(status(ControlError::Rejected("x".into())), 422);
         assert_eq!(status(ControlError::Unavailable("x".into())), 503);
+        assert_eq!(status(ControlError::Conflict("x".into())), 409);
         assert_eq!(status(ControlError::Internal("x".into())), 500);
     }
 }

@@ -6,7 +6,9 @@
 //! [`pool`] and [`health`]. Nothing here speaks the admin API's HTTP: [`serve::Control`] is
 //! typed, and `lbwasm-admin` maps it to HTTP.
 
+pub mod cluster;
 pub mod config;
+pub mod discovery;
 pub mod health;
 pub mod metrics;
 pub mod pool;

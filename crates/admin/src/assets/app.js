@@ -102,6 +102,28 @@ async function checkAccess() {
   }
 }
 
+// Cluster mode: the replicas and whether each runs the latest configuration (the event
+// stream carries this server's figures only; the cluster changes rarely, so a poll).
+async function refreshCluster() {
+  let r;
+  try {
+    r = await api('GET', '/backends');
+  } catch (_) {
+    return;
+  }
+  const c = r && r.cluster;
+  const el = $('#cluster');
+  el.hidden = !c;
+  if (!c) return;
+  const replicas = c.replicas
+    .map((x) => `${x.replica}${x.replica === c.replica ? ' (this)' : ''}${x.up_to_date ? '' : ' BEHIND'}`)
+    .join(', ');
+  const store = c.connected ? `revision ${c.applied_revision}` : 'STORE UNAVAILABLE: serving the last applied configuration';
+  put(el, `cluster ${c.name} · ${store} · replicas: ${replicas || 'none seen'}`, c.connected ? 'muted' : 'warn');
+}
+setInterval(refreshCluster, 2000);
+refreshCluster();
+
 // A half-open connection sends nothing and reports nothing: reopen it.
 setInterval(() => {
   if (state.es && Date.now() - state.lastMessage > STALE_MS) {

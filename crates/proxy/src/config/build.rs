@@ -8,17 +8,19 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
+use super::cluster::FileCluster;
+use super::discovery::{BackendTarget, DiscoveryConfig, DnsSource};
 use super::file::{
-    CheckType, FileAdmin, FileBackend, FileBackendTls, FileCert, FileConfig, FileHealth,
-    FileListener, FileLoadReport, FileManaged, FilePassive, FileRetry, FileTimeouts, FileTls,
-    PluginOptions,
+    CheckType, FileAdmin, FileBackend, FileBackendTls, FileCert, FileConfig, FileDiscovery,
+    FileHealth, FileListener, FileLoadReport, FileManaged, FilePassive, FileRetry, FileTimeouts,
+    FileTls, PluginOptions,
 };
 use super::leaf::{Leaf, NonEmpty, Raw};
 use super::value::{At, Origin, Table};
 use super::{
-    AccessLogTarget, AdminConfig, BackendConfig, BackendProtocol, Config, ConfigError, HashKey,
-    HealthCheck, HealthKind, ListenerConfig, LoadReport, Managed, Passive, PluginRef, Protocol,
-    Retry, Source, Timeouts,
+    AccessLogTarget, AdminConfig, BackendConfig, BackendProtocol, ClusterConfig, Config,
+    ConfigError, HashKey, HealthCheck, HealthKind, ListenerConfig, LoadReport, Managed, Passive,
+    PluginRef, Protocol, Retry, Source, Timeouts,
 };
 use crate::tls::{self, BackendTls, CertSpec, ListenerTls, Part};
 
@@ -49,6 +51,10 @@ pub(super) fn config(file: &FileConfig, src: &Source<'_>) -> Result<Config, Conf
         sni_group(&s, &table.value, &listeners, i, &mut sockets)?;
     }
 
+    let discovery = root
+        .sub("discovery", &file.discovery, discovery)?
+        .unwrap_or_default();
+    let cluster = root.sub("cluster", &file.cluster, cluster)?;
     let workers = match value_or(&file.workers, 0) {
         0 => auto_workers(std::thread::available_parallelism().map_or(1, NonZeroUsize::get)),
         n => usize::from(n),
@@ -58,7 +64,131 @@ pub(super) fn config(file: &FileConfig, src: &Source<'_>) -> Result<Config, Conf
         admin,
         listeners,
         source: src.file.map(Path::to_path_buf),
+        discovery,
+        cluster,
     })
+}
+
+/// `[cluster]` alone (file and flags), for commands that need no listener.
+pub(super) fn cluster_only(
+    file: &FileConfig,
+    src: &Source<'_>,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let root = Scope {
+        src,
+        path: String::new(),
+        at: Origin::default(),
+    };
+    root.sub("cluster", &file.cluster, cluster)
+}
+
+/// `[cluster]`: a name and at least one endpoint; TLS files must come as a pair.
+fn cluster(s: &Scope<'_>, c: &FileCluster) -> Result<ClusterConfig, ConfigError> {
+    let name = s.require("name", &c.name)?.value.clone();
+    let endpoints: Vec<String> = c.etcd.as_ref().map_or_else(Vec::new, |list| {
+        list.items.iter().map(|e| e.value.clone()).collect()
+    });
+    if endpoints.is_empty() {
+        return Err(s.whole(
+            "missing required key `etcd` (the etcd endpoints, e.g. [\"http://127.0.0.1:2379\"], or --etcd)",
+        ));
+    }
+    let replica = c
+        .replica
+        .as_ref()
+        .map_or_else(ClusterConfig::default_replica, |r| r.value.clone());
+    let state_file = c.state_file.as_ref().map_or_else(
+        || ClusterConfig::default_state_file(&name, &replica),
+        |f| f.value.clone().into(),
+    );
+    let password = c
+        .password
+        .as_ref()
+        .map(|p| p.value.clone())
+        .or_else(|| std::env::var(super::ETCD_PASSWORD_ENV).ok());
+    let user = match (&c.username, password) {
+        (Some(u), Some(p)) => Some((u.value.clone(), p)),
+        (Some(u), None) => {
+            return Err(s.error(
+                "username",
+                &u.at,
+                format!(
+                    "needs a password (`password` or {})",
+                    super::ETCD_PASSWORD_ENV
+                ),
+            ));
+        }
+        (None, _) => None,
+    };
+    // TLS files relative to the configuration file, and readable now: a typo is an error
+    // here, not a store that never answers.
+    let file = |key: &str, f: &At<NonEmpty>| -> Result<std::path::PathBuf, ConfigError> {
+        let path = s.src.resolve(&f.at, Path::new(&f.value));
+        std::fs::metadata(&path)
+            .map_err(|e| s.error(key, &f.at, format!("cannot read {}: {e}", path.display())))?;
+        Ok(path)
+    };
+    let ca = c.ca.as_ref().map(|f| file("ca", f)).transpose()?;
+    let identity = match (&c.cert, &c.key) {
+        (Some(cert), Some(key)) => Some((file("cert", cert)?, file("key", key)?)),
+        (None, None) => None,
+        (Some(f), None) | (None, Some(f)) => {
+            return Err(s.error(
+                if c.cert.is_some() { "cert" } else { "key" },
+                &f.at,
+                "`cert` and `key` (etcd client certificate) go together",
+            ));
+        }
+    };
+    Ok(ClusterConfig {
+        name,
+        endpoints,
+        replica,
+        state_file,
+        lease_ttl: c
+            .lease_ttl
+            .as_ref()
+            .map_or(Duration::from_secs(5), |t| t.value),
+        user,
+        ca,
+        identity,
+    })
+}
+
+/// `[discovery]`: the TTL floor may not exceed the ceiling.
+fn discovery(s: &Scope<'_>, d: &FileDiscovery) -> Result<DiscoveryConfig, ConfigError> {
+    let defaults = DiscoveryConfig::default();
+    let config = DiscoveryConfig {
+        resolver: d.resolver.as_ref().map(|r| r.value),
+        min_ttl: value_or(&d.min_ttl, defaults.min_ttl),
+        max_ttl: value_or(&d.max_ttl, defaults.max_ttl),
+        timeout: value_or(&d.timeout, defaults.timeout),
+    };
+    if let Some(resolver) = &d.resolver
+        && (resolver.value.port() == 0 || resolver.value.ip().is_unspecified())
+    {
+        return Err(s.error(
+            "resolver",
+            &resolver.at,
+            format!("expected a DNS server's IP:PORT, got {}", resolver.value),
+        ));
+    }
+    if config.min_ttl > config.max_ttl {
+        let (key, at) = match (&d.max_ttl, &d.min_ttl) {
+            (Some(max), _) => ("max_ttl", &max.at),
+            (None, Some(min)) => ("min_ttl", &min.at),
+            (None, None) => ("max_ttl", &s.at),
+        };
+        return Err(s.error(
+            key,
+            at,
+            format!(
+                "max_ttl ({:?}) is below min_ttl ({:?})",
+                config.max_ttl, config.min_ttl
+            ),
+        ));
+    }
+    Ok(config)
 }
 
 /// `workers = 0`: one worker per CPU this process may use, less one, and at least one.
@@ -365,14 +495,20 @@ fn listener(
     let passive = s.sub("passive", &l.passive, passive)?;
     let load_report = s.sub("load_report", &l.load_report, |r, t| load_report(r, t, tcp))?;
 
-    let (mut backends, mut listed) = (Vec::new(), Vec::new());
+    let (mut backends, mut listed, mut discovery) = (Vec::new(), Vec::new(), Vec::new());
     for (i, b) in l
         .backend
         .iter()
         .flat_map(|list| list.items.iter().enumerate())
     {
         let scope = s.table(&format!("backend[{i}]"), b);
-        backends.push(backend(&scope, &b.value, listen.value, &mut listed)?);
+        match backend(&scope, &b.value, listen.value, &mut listed)? {
+            Member::Static(b) => backends.push(b),
+            Member::Dns(d) if discovery.iter().any(|o: &DnsSource| o.query == d.query) => {
+                return Err(scope.whole(format!("{} is listed twice", d.query)));
+            }
+            Member::Dns(d) => discovery.push(d),
+        }
     }
     let managed = s.sub("managed", &l.managed, |m, t| {
         managed(m, t, &listed, sockets)
@@ -408,7 +544,7 @@ fn listener(
             list.items.iter().map(|n| n.value.clone()).collect()
         }
     };
-    if backends.is_empty() && managed.is_none() {
+    if backends.is_empty() && managed.is_none() && discovery.is_empty() {
         return Err(
             s.whole("no backends: add [[listener.backend]] entries or a [listener.managed] pool")
         );
@@ -432,6 +568,7 @@ fn listener(
         // No [listener.load_report]: as an empty one.
         load_report: load_report.unwrap_or_else(|| (!tcp).then(LoadReport::default)),
         backends,
+        discovery,
         managed,
         tls,
         backend_tls,
@@ -769,15 +906,38 @@ fn load_report(
     }))
 }
 
-/// One `[[listener.backend]]`, which must be neither listed twice nor the listener itself.
+/// What one `[[listener.backend]]` is.
+enum Member {
+    Static(BackendConfig),
+    Dns(DnsSource),
+}
+
+/// One `[[listener.backend]]`, which must be neither listed twice nor the listener itself;
+/// a DNS one (each of its members) takes `weight` unless SRV records give it.
 fn backend(
     s: &Scope<'_>,
     b: &FileBackend,
     listen: SocketAddr,
     listed: &mut Vec<(SocketAddr, String)>,
-) -> Result<BackendConfig, ConfigError> {
+) -> Result<Member, ConfigError> {
     let address = s.require("address", &b.address)?;
-    let (addr, blame) = (address.value, s.blame("address", &address.at));
+    let blame = s.blame("address", &address.at);
+    let addr = match &address.value {
+        BackendTarget::Addr(addr) => *addr,
+        BackendTarget::Dns(query) => {
+            s.refuse(
+                "weight",
+                &b.weight,
+                |_| matches!(query, super::DnsQuery::Srv { .. }),
+                "each SRV record gives its target's weight; weight is for dns:// and IP:PORT",
+            )?;
+            return Ok(Member::Dns(DnsSource {
+                query: query.clone(),
+                weight: value_or(&b.weight, 1),
+                max_connections: value_or(&b.max_connections, 0),
+            }));
+        }
+    };
     if let Some((_, other)) = listed.iter().find(|(a, _)| *a == addr) {
         return Err(blame(format!("{addr} is listed twice (also {other})")));
     }
@@ -787,11 +947,11 @@ fn backend(
         )));
     }
     listed.push((addr, s.place("address", &address.at)));
-    Ok(BackendConfig {
+    Ok(Member::Static(BackendConfig {
         address: addr,
         weight: value_or(&b.weight, 1),
         max_connections: value_or(&b.max_connections, 0),
-    })
+    }))
 }
 
 fn managed(

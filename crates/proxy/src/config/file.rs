@@ -30,6 +30,18 @@ pub(super) struct FileConfig {
     pub workers: Option<At<Int<u16, 0, 1024>>>,
     pub admin: Option<Table<FileAdmin>>,
     pub listener: Option<List<Table<FileListener>>>,
+    pub discovery: Option<Table<FileDiscovery>>,
+    pub cluster: Option<Table<super::cluster::FileCluster>>,
+}
+
+/// `[discovery]`: how DNS backends are resolved.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileDiscovery {
+    pub resolver: Option<At<SocketAddr>>,
+    pub min_ttl: Option<At<Positive>>,
+    pub max_ttl: Option<At<Positive>>,
+    pub timeout: Option<At<Positive>>,
 }
 
 /// `[admin]`.

@@ -15,7 +15,8 @@ use super::{Config, ConfigError, Source, build};
 /// `--plugin-opt`, `--protocol`, `--hash-key`, `--access-log`) override the file's first `[[listener]]`
 /// (or create it when the file has none), `--admin`/`--admin-token` override `[admin]`,
 /// `--admin-host` adds to `[admin] hosts`, `--no-load-poll` turns load polling off on every
-/// listener, and `--workers` overrides `workers`. `--backends` replaces the file's `[[listener.backend]]`
+/// listener, `--resolver` overrides `[discovery] resolver`, and `--workers` overrides
+/// `workers`. `--backends` replaces the file's `[[listener.backend]]`
 /// list; `--plugin` naming another plugin drops the file's `plugin_options` (they were meant
 /// for the old one); `--plugin-opt` adds to or replaces single options.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -24,6 +25,11 @@ pub struct ServeArgs {
     /// [[listener]].
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Check the configuration and exit (as `nginx -t`): the file and flags, certificates
+    /// and every listener's plugin are loaded and checked; nothing is bound, started or
+    /// contacted (backends, etcd, DNS). Exit 0 when `serve` would start with it.
+    #[arg(long)]
+    pub check: bool,
     /// Address to listen on, e.g. 127.0.0.1:8000.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
@@ -64,6 +70,10 @@ pub struct ServeArgs {
     /// file's [listener.load_report] says.
     #[arg(long)]
     pub no_load_poll: bool,
+    /// The DNS server that resolves dns:// and dns+srv:// backends (IP:PORT); overrides
+    /// [discovery] resolver. Default: the system's (/etc/resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    pub resolver: Option<String>,
     /// Worker threads; 0 means one per CPU less one, at least 1 (the default).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -102,6 +112,21 @@ pub struct ServeArgs {
     /// Accept any backend certificate. For testing only: logged loudly at start.
     #[arg(long = "backend-insecure-skip-verify")]
     pub backend_insecure_skip_verify: bool,
+    /// Cluster mode: etcd endpoints (comma-separated, http:// or https://) holding the
+    /// cluster's shared pools and plugins; sets [cluster] etcd (with --cluster).
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Cluster mode: the cluster's name (its keys live under /lbwasm/NAME/); sets
+    /// [cluster] name.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// This replica's name in the cluster (default: the host name); sets [cluster] replica.
+    #[arg(long, value_name = "NAME")]
+    pub replica: Option<String>,
+    /// Where this replica saves the last applied cluster configuration, to start from
+    /// when etcd is down; sets [cluster] state_file.
+    #[arg(long = "cluster-state", value_name = "FILE")]
+    pub cluster_state: Option<String>,
     /// Log filter in tracing's EnvFilter syntax, e.g. info or lbwasm=debug. Used by the
     /// binary; the TOML file has no counterpart.
     #[arg(long, value_name = "LEVEL")]
@@ -127,6 +152,66 @@ impl ServeArgs {
         let mut file = file::parse(&src)?;
         self.overlay(&mut file)?;
         build::config(&file, &src)
+    }
+
+    /// Writes the cluster flags into the file's `[cluster]` table (creating it).
+    fn overlay_cluster(&self, file: &mut FileConfig) -> Result<(), ConfigError> {
+        if !self.etcd.is_empty()
+            || self.cluster.is_some()
+            || self.replica.is_some()
+            || self.cluster_state.is_some()
+        {
+            let by = if self.etcd.is_empty() {
+                "--cluster"
+            } else {
+                "--etcd"
+            };
+            let cluster = file.cluster.get_or_insert_with(|| created(by));
+            let c = &mut cluster.value;
+            set(&mut c.name, "--cluster", &self.cluster)?;
+            set(&mut c.replica, "--replica", &self.replica)?;
+            set(&mut c.state_file, "--cluster-state", &self.cluster_state)?;
+            if !self.etcd.is_empty() {
+                let items = (self.etcd.iter())
+                    .map(|url| text_flag("--etcd", url.trim()))
+                    .collect::<Result<_, _>>()?;
+                c.etcd = Some(List {
+                    items,
+                    at: Origin::Flag("--etcd"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster settings alone (file and flags), for commands that need no listener
+    /// (`lbwasm cluster status`).
+    pub fn load_cluster(&self) -> Result<super::ClusterConfig, ConfigError> {
+        let text = match &self.config {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| ConfigError {
+                file: Some(path.clone()),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            })?,
+            None => String::new(),
+        };
+        let src = match &self.config {
+            Some(path) => Source::file(path, &text),
+            None => Source::default(),
+        };
+        let mut file = if self.config.is_some() {
+            file::parse(&src)?
+        } else {
+            FileConfig::default()
+        };
+        self.overlay_cluster(&mut file)?;
+        build::cluster_only(&file, &src)?.ok_or_else(|| {
+            ConfigError::flag(
+                "--etcd",
+                "required: the etcd endpoints and --cluster NAME (or a [cluster] table in --config)",
+            )
+        })
     }
 
     fn sets_listener(&self) -> bool {
@@ -158,6 +243,10 @@ impl ServeArgs {
             let n = i128::try_from(workers).unwrap_or(i128::MAX);
             file.workers = Some(flag("--workers", Raw::Int(n))?);
         }
+        if self.resolver.is_some() {
+            let discovery = file.discovery.get_or_insert_with(|| created("--resolver"));
+            set(&mut discovery.value.resolver, "--resolver", &self.resolver)?;
+        }
         if self.admin.is_some() {
             let admin = file.admin.get_or_insert_with(|| created("--admin"));
             set(&mut admin.value.listen, "--admin", &self.admin)?;
@@ -174,6 +263,7 @@ impl ServeArgs {
             }
         }
 
+        self.overlay_cluster(file)?;
         let listeners = match &mut file.listener {
             Some(list) if !list.items.is_empty() => list,
             // The file has no listener: the flags must define one (or building reports it).

@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::discovery::{BackendTarget, DnsQuery};
 use super::{AccessLogTarget, BackendProtocol, HashKey, Protocol, ProxyProtocol};
 
 /// A kind of scalar: how a raw TOML value is checked and converted, on its own.
@@ -247,18 +248,24 @@ impl Leaf for SocketAddr {
     }
 }
 
-/// A backend's address: a socket address with an IP and a port.
+/// A backend's address: a socket address with an IP and a port, or a DNS URL whose
+/// records are backends (`dns://NAME:PORT`, `dns+srv://_service._proto.NAME`).
 pub(super) struct BackendAddr;
 
 impl Leaf for BackendAddr {
-    type Value = SocketAddr;
+    type Value = BackendTarget;
 
-    fn read(raw: Raw) -> Result<SocketAddr, String> {
+    fn read(raw: Raw) -> Result<BackendTarget, String> {
+        if let Raw::Str(text) = &raw
+            && let Some(query) = DnsQuery::parse(text)
+        {
+            return query.map(BackendTarget::Dns);
+        }
         match SocketAddr::read(raw.clone())? {
             addr if addr.port() == 0 || addr.ip().is_unspecified() => {
                 Err(raw.expected("a backend address with an IP and a port"))
             }
-            addr => Ok(addr),
+            addr => Ok(BackendTarget::Addr(addr)),
         }
     }
 }

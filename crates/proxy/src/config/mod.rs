@@ -15,6 +15,7 @@
 //!
 //! ```toml
 //! workers = 0                          # 0 = one per CPU, less one (at least 1)
+//! [discovery]                          # optional: resolver, min_ttl, max_ttl, timeout (DNS backends)
 //! [admin]                              # optional: listen, token, allow_remote, hosts
 //! [[listener]]                         # one or more: name, listen, protocol, backend_protocol, plugin, hash_key
 //! [listener.plugin_options]            # key = string | integer | float | boolean
@@ -23,7 +24,7 @@
 //! [listener.health]                    # optional active checks: type (http|grpc), path (else TCP), grpc_service, ...
 //! [listener.passive]                   # consecutive_failures, base/max_ejection, slow_start
 //! [listener.load_report]               # enabled (default: when the plugin reads load), path, interval
-//! [[listener.backend]]                 # address, weight, max_connections
+//! [[listener.backend]]                 # address (IP:PORT, dns://NAME:PORT, dns+srv://_svc._proto.NAME), weight, max_connections
 //! [listener.managed]                   # optional spawned pool: command, count, base_port, ...
 //! ```
 //!
@@ -31,6 +32,8 @@
 //! Relative `.wasm` paths in the file are relative to the file's directory.
 
 mod build;
+mod cluster;
+mod discovery;
 mod error;
 mod file;
 mod flags;
@@ -46,6 +49,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::tls::{BackendTls, CertSpec, ListenerTls, TlsVersion};
+pub use cluster::{ClusterConfig, PASSWORD_ENV as ETCD_PASSWORD_ENV};
+pub use discovery::{DiscoveryConfig, DnsQuery, DnsSource};
 pub use error::ConfigError;
 pub use flags::ServeArgs;
 
@@ -71,6 +76,11 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The file the configuration came from; none when it came from flags alone.
     pub source: Option<PathBuf>,
+    /// How `dns://` and `dns+srv://` backends are resolved (`[discovery]`, `--resolver`).
+    pub discovery: DiscoveryConfig,
+    /// Cluster mode (`[cluster]`, `--etcd`): pools and plugins come from etcd, shared by
+    /// every replica of the cluster; none for a stand-alone proxy.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// The admin endpoint. It can change the pool, so it stays on loopback unless the operator
@@ -133,8 +143,10 @@ pub struct ListenerConfig {
     /// `--no-load-poll`) and for TCP listeners. Otherwise it polls when
     /// [`LoadReport::always`], or when the listener's plugin says it reads load.
     pub load_report: Option<LoadReport>,
-    /// Static backends; may be empty only when `managed` is set.
+    /// Static backends; may be empty only when `managed` or `discovery` is set.
     pub backends: Vec<BackendConfig>,
+    /// Backends found in DNS (`dns://`, `dns+srv://` addresses), in file order.
+    pub discovery: Vec<DnsSource>,
     /// Backends the proxy spawns and restarts itself.
     pub managed: Option<Managed>,
     /// TLS termination (`[listener.tls]`, `--tls-cert`); none: cleartext.

@@ -311,7 +311,7 @@ fn unknown_keys() {
     lines.insert(0, "worker = 2");
     assert_eq!(
         error(&lines),
-        "lbwasm.toml:1: worker: unknown key (expected one of: workers, admin, listener)"
+        "lbwasm.toml:1: worker: unknown key (expected one of: workers, admin, listener, discovery, cluster)"
     );
     assert_eq!(
         error(&base_with(&["wieght = 2"])),
@@ -1280,4 +1280,281 @@ fn errors_point_at_the_value_itself() {
             ("b".to_owned(), "1e3".to_owned())
         ]
     );
+}
+
+#[test]
+fn dns_backends() {
+    let config = parse(&[
+        "[discovery]",
+        "resolver = \"127.0.0.1:5353\"",
+        "max_ttl = \"30s\"",
+        "[[listener]]",
+        "listen = \"127.0.0.1:8000\"",
+        "plugin = \"round_robin\"",
+        "[[listener.backend]]",
+        "address = \"dns://Web.Default.svc.cluster.local:8080\"",
+        "weight = 2",
+        "max_connections = 10",
+        "[[listener.backend]]",
+        "address = \"dns+srv://_http._tcp.web.example.\"",
+        "[[listener.backend]]",
+        "address = \"127.0.0.1:9101\"",
+    ])
+    .expect("valid");
+    assert_eq!(
+        config.discovery,
+        DiscoveryConfig {
+            resolver: Some(addr("127.0.0.1:5353")),
+            max_ttl: Duration::from_secs(30),
+            ..DiscoveryConfig::default()
+        }
+    );
+    let l = &config.listeners[0];
+    assert_eq!(l.backends.len(), 1, "the static one");
+    assert_eq!(
+        l.discovery,
+        [
+            DnsSource {
+                query: DnsQuery::Host {
+                    name: "web.default.svc.cluster.local".into(),
+                    port: 8080
+                },
+                weight: 2,
+                max_connections: 10,
+            },
+            DnsSource {
+                query: DnsQuery::Srv {
+                    name: "_http._tcp.web.example.".into()
+                },
+                weight: 1,
+                max_connections: 0,
+            }
+        ]
+    );
+    assert_eq!(
+        l.discovery[1].query.to_string(),
+        "dns+srv://_http._tcp.web.example."
+    );
+    // DNS backends alone make a pool; the defaults of [discovery].
+    let only_dns = parse(&[
+        "[[listener]]",
+        "listen = \"127.0.0.1:8000\"",
+        "plugin = \"round_robin\"",
+        "[[listener.backend]]",
+        "address = \"dns://web:80\"",
+    ])
+    .expect("valid");
+    assert!(only_dns.listeners[0].backends.is_empty());
+    assert_eq!(only_dns.discovery, DiscoveryConfig::default());
+    assert_eq!(
+        DiscoveryConfig::default(),
+        DiscoveryConfig {
+            resolver: None,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(60),
+            timeout: Duration::from_secs(2),
+        }
+    );
+    // From the command line, beside a static backend; --resolver over the file's.
+    let args = ServeArgs {
+        backends: vec!["127.0.0.1:9000".into(), "dns://web:8080".into()],
+        resolver: Some("127.0.0.1:53".into()),
+        ..flags()
+    };
+    let config = args.load().expect("valid");
+    assert_eq!(config.discovery.resolver, Some(addr("127.0.0.1:53")));
+    assert_eq!(config.listeners[0].backends.len(), 1);
+    assert_eq!(
+        config.listeners[0].discovery[0].query,
+        DnsQuery::Host {
+            name: "web".into(),
+            port: 8080
+        }
+    );
+}
+
+#[test]
+fn dns_backend_errors() {
+    let with_address = |address: &'static str| {
+        vec![
+            "[[listener]]",
+            "listen = \"127.0.0.1:8000\"",
+            "plugin = \"round_robin\"",
+            "[[listener.backend]]",
+            address,
+        ]
+    };
+    for (address, message) in [
+        (
+            "address = \"dns://web.example\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: expected dns://NAME:PORT (an A/AAAA record has no port: give one), got \"dns://web.example\"",
+        ),
+        (
+            "address = \"dns://web.example:0\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: expected dns://NAME:PORT with a port from 1 to 65535, got \"dns://web.example:0\"",
+        ),
+        (
+            "address = \"dns://:80\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: the DNS name is empty in \"dns://:80\"",
+        ),
+        (
+            "address = \"dns+srv://\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: the DNS name is empty in \"dns+srv://\"",
+        ),
+        (
+            "address = \"dns+srv://_http._tcp.web.example:80\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: a dns+srv:// URL takes no port (each SRV record gives its own), got \"dns+srv://_http._tcp.web.example:80\"",
+        ),
+        (
+            "address = \"dns+srv://web.example\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: expected dns+srv://_service._proto.NAME (RFC 2782, e.g. dns+srv://_http._tcp.web.example), got \"dns+srv://web.example\"",
+        ),
+        (
+            "address = \"dns://web..example:80\"",
+            "lbwasm.toml:5: listener[0].backend[0].address: invalid DNS name \"web..example\" in \"dns://web..example:80\" (labels of letters, digits, '-' and '_')",
+        ),
+    ] {
+        assert_eq!(error(&with_address(address)), message);
+    }
+    // An SRV record gives the weight.
+    let mut lines = with_address("address = \"dns+srv://_http._tcp.web.example\"");
+    lines.push("weight = 2");
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:6: listener[0].backend[0].weight: each SRV record gives its target's weight; weight is for dns:// and IP:PORT"
+    );
+    // Listed twice.
+    let mut lines = with_address("address = \"dns://web:80\"");
+    lines.extend(["[[listener.backend]]", "address = \"dns://web:80\""]);
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:6: listener[0].backend[1]: dns://web:80 is listed twice"
+    );
+    // [discovery].
+    let mut lines = base_with(&[]);
+    lines.splice(
+        0..0,
+        ["[discovery]", "min_ttl = \"10s\"", "max_ttl = \"5s\""],
+    );
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:3: discovery.max_ttl: max_ttl (5s) is below min_ttl (10s)"
+    );
+    let mut lines = base_with(&[]);
+    lines.splice(0..0, ["[discovery]", "timeout = \"0s\""]);
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:2: discovery.timeout: expected a duration > 0, got \"0s\""
+    );
+    let mut lines = base_with(&[]);
+    lines.splice(0..0, ["[discovery]", "resolver = \"dns.example:53\""]);
+    assert_eq!(
+        error(&lines),
+        "lbwasm.toml:2: discovery.resolver: invalid socket address \"dns.example:53\""
+    );
+    // On the command line: the flag is named.
+    let e = |args: ServeArgs| args.load().expect_err("invalid").to_string();
+    assert_eq!(
+        e(ServeArgs {
+            backends: vec!["dns://web".into()],
+            ..flags()
+        }),
+        "--backends: expected dns://NAME:PORT (an A/AAAA record has no port: give one), got \"dns://web\""
+    );
+    assert_eq!(
+        e(ServeArgs {
+            resolver: Some("x".into()),
+            ..flags()
+        }),
+        "--resolver: invalid socket address \"x\""
+    );
+}
+
+#[test]
+fn cluster_table_and_flags() {
+    let c = parse(&base_with(&[
+        "[cluster]",
+        "name = \"prod\"",
+        "etcd = [\"http://127.0.0.1:2379\", \"https://etcd.example:2379/\"]",
+        "replica = \"lb-1\"",
+        "lease_ttl = \"3s\"",
+    ]))
+    .expect("valid")
+    .cluster
+    .expect("cluster");
+    assert_eq!(c.name, "prod");
+    assert_eq!(
+        c.endpoints,
+        ["http://127.0.0.1:2379", "https://etcd.example:2379"]
+    );
+    assert_eq!(c.replica, "lb-1");
+    assert_eq!(c.lease_ttl, Duration::from_secs(3));
+    assert!(c.state_file.ends_with("lbwasm-cluster-prod-lb-1.json"));
+    assert_eq!(parse(&BASE).expect("valid").cluster, None);
+
+    let e = error(&base_with(&[
+        "[cluster]",
+        "name = \"prod\"",
+        "etcd = [\"127.0.0.1:2379\"]",
+    ]));
+    assert!(e.starts_with("lbwasm.toml:8: cluster.etcd[0]"), "{e}");
+    assert!(e.contains("http://127.0.0.1:2379"), "{e}");
+    let e = error(&base_with(&[
+        "[cluster]",
+        "name = \"a/b\"",
+        "etcd = [\"http://h:1\"]",
+    ]));
+    assert!(e.starts_with("lbwasm.toml:7: cluster.name"), "{e}");
+    let e = error(&base_with(&["[cluster]", "etcd = [\"http://h:1\"]"]));
+    assert!(e.contains("missing required key `name`"), "{e}");
+    let e = error(&base_with(&["[cluster]", "name = \"x\""]));
+    assert!(e.contains("missing required key `etcd`"), "{e}");
+    let e = error(&base_with(&[
+        "[cluster]",
+        "name = \"x\"",
+        "etcd = [\"http://h:1\"]",
+        "cert = \"c.pem\"",
+    ]));
+    assert!(e.starts_with("lbwasm.toml:9: cluster.cert"), "{e}");
+    let e = error(&base_with(&[
+        "[cluster]",
+        "name = \"x\"",
+        "etcd = [\"http://h:1\"]",
+        "leese_ttl = \"1s\"",
+    ]));
+    assert!(e.contains("unknown key"), "{e}");
+
+    let args = ServeArgs {
+        listen: Some("127.0.0.1:0".into()),
+        backends: vec!["127.0.0.1:9".into()],
+        plugin: Some("round_robin".into()),
+        etcd: vec!["http://127.0.0.1:2379".into()],
+        cluster: Some("c1".into()),
+        replica: Some("r".into()),
+        ..ServeArgs::default()
+    };
+    let c = args.load().expect("flags").cluster.expect("cluster");
+    assert_eq!((c.name.as_str(), c.replica.as_str()), ("c1", "r"));
+    assert_eq!(args.load_cluster().expect("cluster only"), c);
+    let e = ServeArgs {
+        etcd: vec!["ftp://h:1".into()],
+        cluster: Some("c1".into()),
+        ..ServeArgs::default()
+    }
+    .load_cluster()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--etcd"), "{e}");
+}
+
+#[test]
+fn cluster_tls_files_must_exist() {
+    let e = error(&base_with(&[
+        "[cluster]",
+        "name = \"x\"",
+        "etcd = [\"https://h:1\"]",
+        "ca = \"no-such-ca.pem\"",
+    ]));
+    assert!(e.starts_with("lbwasm.toml:9: cluster.ca"), "{e}");
+    assert!(e.contains("no-such-ca.pem"), "{e}");
 }

@@ -6,6 +6,8 @@
 //! Gauges (in-flight, health) and plugin counters are not kept here: they are read from the
 //! pools and plugins when `/metrics` is scraped. This module knows nothing of sockets.
 
+pub mod dns;
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

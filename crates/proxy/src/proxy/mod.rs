@@ -111,12 +111,12 @@ impl ListenerShared {
         plugin: Arc<Plugin>,
         events: UnboundedSender<Event>,
     ) -> anyhow::Result<Self> {
-        let alpn: &[&[u8]] = match config.protocol {
-            Protocol::Http => &[b"h2", b"http/1.1"],
-            Protocol::Tcp => &[],
-        };
         let tls = match &config.tls {
-            Some(t) => Some(Arc::new(Terminator::new(&config.name, t, alpn)?)),
+            Some(t) => Some(Arc::new(Terminator::new(
+                &config.name,
+                t,
+                alpn(config.protocol),
+            )?)),
             None => None,
         };
         let h2 = config.backend_protocol == BackendProtocol::H2;
@@ -148,6 +148,15 @@ impl ListenerShared {
             listener: self.index,
             backend,
         });
+    }
+}
+
+/// The ALPN protocols a listener's TLS termination offers: HTTP/2 and HTTP/1.1 on an http
+/// listener, none on a tcp one (it relays whatever the client speaks).
+pub(crate) fn alpn(protocol: Protocol) -> &'static [&'static [u8]] {
+    match protocol {
+        Protocol::Http => &[b"h2", b"http/1.1"],
+        Protocol::Tcp => &[],
     }
 }
 

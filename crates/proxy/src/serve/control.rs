@@ -6,9 +6,12 @@
 //! It speaks no HTTP: operations answer typed reports ([`report`]) or a [`ControlError`],
 //! and the admin API (or any embedder) turns them into what it serves.
 
+mod cluster;
 mod error;
 mod report;
 
+pub(crate) use cluster::{Cluster, Initial, initial, overlay};
+pub use cluster::{ClusterReport, ReplicaReport};
 pub use error::ControlError;
 pub use report::{
     AddReport, Added, AddedBackend, BackendReport, Draining, Leaving, ListenerReport,
@@ -25,6 +28,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::managed::{self, Instance};
 use crate::config::{Config, ListenerConfig, Managed};
+use crate::discovery::Discovery;
 use crate::health;
 use crate::metrics::{ListenerStatus, Metrics};
 use crate::pool::Backend;
@@ -79,6 +83,10 @@ pub struct Control {
     /// `GET /pick`'s plugin instance per listener, kept while the plugin stays the same
     /// (instantiating one per call would cost a lookaside client milliseconds).
     pick_selectors: Mutex<Vec<Option<Selector>>>,
+    /// The DNS sources' loops (`dns://`, `dns+srv://` backends).
+    discovery: Discovery,
+    /// Cluster mode: the shared configuration's state on this replica.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Body of `POST /backends/add`.
@@ -155,6 +163,7 @@ impl Control {
                 })
             })
             .collect();
+        let discovery = Discovery::new(handle.clone());
         Control {
             runtime,
             handle,
@@ -165,7 +174,15 @@ impl Control {
             reloader,
             managed: Mutex::new(managed),
             pick_selectors: Mutex::new(Vec::new()),
+            discovery,
+            cluster: None,
         }
+    }
+
+    /// Cluster mode: the replica's cluster state (built before the workers started).
+    pub(crate) fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     fn managed(&self) -> std::sync::MutexGuard<'_, Vec<Option<ManagedPool>>> {
@@ -201,11 +218,25 @@ impl Control {
             }
         }
         drop(managed);
+        if let Some(c) = &self.cluster {
+            self.handle.spawn(cluster::run(self.clone(), c.clone()));
+        }
         self.handle.spawn(handle_events(self.clone(), events));
+        // Last, as it may wait (bounded) for DNS's first answers.
+        let config = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.discovery.start(&self.listeners, &config);
     }
 
-    /// Stops every managed process (SIGTERM by PID, then SIGKILL) and waits for them.
+    /// Stops every managed process (SIGTERM by PID, then SIGKILL) and waits for them, and
+    /// in cluster mode takes this replica's key out of the store.
     pub(crate) async fn stop_managed(&self) {
+        if let Some(c) = &self.cluster {
+            cluster::leave(c).await;
+        }
         let instances: Vec<Instance> = self
             .managed()
             .iter_mut()
@@ -243,6 +274,7 @@ impl Control {
     pub fn report(&self) -> Report {
         Report {
             listeners: self.listener_states().map(|l| l.report).collect(),
+            cluster: self.cluster.as_ref().map(|c| c.report()),
         }
     }
 
@@ -258,7 +290,10 @@ impl Control {
                     .backends()
                     .iter()
                     .zip(snap.infos())
-                    .map(|(b, info)| BackendReport::new(b, info, self.is_managed(l.index, b.addr)))
+                    .map(|(b, info)| BackendReport {
+                        dns: self.discovery.source_of(l.index, b.id),
+                        ..BackendReport::new(b, info, self.is_managed(l.index, b.addr))
+                    })
                     .collect();
                 ListenerState {
                     report: ListenerReport {
@@ -294,7 +329,7 @@ impl Control {
 
     /// `POST /backends/add`: static backends by address (a draining one is taken back), or
     /// `n` more processes of a managed pool.
-    pub fn add(&self, req: AddRequest) -> Result<AddReport> {
+    pub async fn add(&self, req: AddRequest) -> Result<AddReport> {
         let l = self.listener(req.listener.as_deref())?;
         if let Some(n) = req.n {
             if !req.addresses.is_empty() {
@@ -316,6 +351,10 @@ impl Control {
             .iter()
             .map(|a| parse_addr(a))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(c) = &self.cluster {
+            let max = req.max_connections.unwrap_or(0);
+            return self.cluster_add(c, l, addrs, weight, max).await;
+        }
         let mut added = Vec::new();
         let mut unchanged = Vec::new();
         for addr in addrs {
@@ -403,9 +442,14 @@ impl Control {
 
     /// `POST /backends/remove`: out of the pool at once (no new requests); in-flight ones
     /// finish on their own. A managed backend's process is stopped.
-    pub fn remove(&self, req: SelectRequest) -> Result<Removed> {
+    pub async fn remove(&self, req: SelectRequest) -> Result<Removed> {
         let l = self.listener(req.listener.as_deref())?;
         let chosen = self.select(l, &req)?;
+        if let Some(c) = &self.cluster
+            && !chosen.iter().any(|b| self.is_managed(l.index, b.addr))
+        {
+            return self.cluster_remove(c, l, chosen).await;
+        }
         let ids: Vec<u32> = chosen.iter().map(|b| b.id).collect();
         let removed = l.pool.remove(|b| ids.contains(&b.id));
         let mut stopped = Vec::new();
@@ -430,9 +474,12 @@ impl Control {
 
     /// `POST /backends/drain`: kept in the pool but given no new requests (add it again to
     /// take it back).
-    pub fn drain(&self, req: SelectRequest) -> Result<Draining> {
+    pub async fn drain(&self, req: SelectRequest) -> Result<Draining> {
         let l = self.listener(req.listener.as_deref())?;
         let chosen = self.select(l, &req)?;
+        if let Some(c) = &self.cluster {
+            return self.cluster_drain(c, l, chosen).await;
+        }
         l.pool.update(|changes| {
             for b in &chosen {
                 changes.state(b, |st| st.draining = true);
@@ -463,11 +510,22 @@ impl Control {
             .collect::<Result<_, _>>()?;
         let source = PluginSource::parse(&req.plugin);
         let runtime = self.runtime.clone();
-        let plugin =
-            tokio::task::spawn_blocking(move || super::load_plugin(&runtime, &source, &options))
-                .await
-                .map_err(|e| ControlError::Internal(format!("plugin load task failed: {e}")))?
-                .map_err(|e| ControlError::Rejected(format!("{e:#}")))?;
+        let (src, opts) = (source.clone(), options.clone());
+        let plugin = tokio::task::spawn_blocking(move || super::load_plugin(&runtime, &src, &opts))
+            .await
+            .map_err(|e| ControlError::Internal(format!("plugin load task failed: {e}")))?
+            .map_err(|e| ControlError::Rejected(format!("{e:#}")))?;
+        if let Some(c) = &self.cluster {
+            let previous = self
+                .cluster_plugin(c, &l, &source, &options, plugin.clone())
+                .await?;
+            return Ok(PluginSwapped {
+                listener: l.name.clone(),
+                plugin: plugin.name().to_string(),
+                description: plugin.description().to_string(),
+                previous,
+            });
+        }
         let old = l.plugin.swap(plugin.clone());
         tracing::info!(listener = %l.name, from = %old.name(), to = %plugin.name(), "plugin swapped");
         Ok(PluginSwapped {
@@ -561,7 +619,12 @@ impl Control {
                 tls: l.tls.as_deref(),
             })
             .collect();
-        self.metrics.render(&status)
+        let mut text = self.metrics.render(&status);
+        self.discovery.render_metrics(&mut text);
+        if let Some(c) = &self.cluster {
+            c.metrics(&mut text);
+        }
+        text
     }
 
     /// `POST /reload` and SIGHUP: re-reads the configuration and applies what can change
@@ -651,7 +714,18 @@ impl Control {
                     nl.name
                 ));
             }
-            let plugin = if nl.plugin != ol.plugin || nl.plugin_options != ol.plugin_options {
+            let shared_changed = nl.plugin != ol.plugin
+                || nl.plugin_options != ol.plugin_options
+                || nl.backends != ol.backends;
+            if self.cluster.is_some() && shared_changed {
+                warnings.push(format!(
+                    "listener {:?}: backends and plugin are the cluster's: the file's are used only to seed an empty cluster store; change them through the admin API",
+                    nl.name
+                ));
+            }
+            let plugin = if self.cluster.is_none()
+                && (nl.plugin != ol.plugin || nl.plugin_options != ol.plugin_options)
+            {
                 let source = super::plugin_source(&nl.plugin);
                 let options = nl.plugin_options.clone();
                 let runtime = self.runtime.clone();
@@ -705,13 +779,23 @@ impl Control {
                     )),
                 }
             }
-            let settings = Settings::from_config(nl);
+            // Cluster mode: the shared settings (hash key, retries) win over the file's.
+            let settings = match &self.cluster {
+                Some(c) => Settings::from_config(&c.overlay_settings(nl)),
+                None => Settings::from_config(nl),
+            };
             if **shared.settings.load() != settings {
                 changes.push(format!("{}: settings", nl.name));
                 shared.pool.set_slow_start(settings.passive.slow_start);
                 shared.settings.store(Arc::new(settings));
             }
-            changes.extend(self.reconcile_backends(shared, ol, nl));
+            if self.cluster.is_none() {
+                changes.extend(self.reconcile_backends(shared, ol, nl));
+            }
+            changes.extend(
+                self.discovery
+                    .reconcile(shared, &nl.discovery, &new.discovery),
+            );
         }
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new;
         tracing::info!(changes = ?changes, warnings = ?warnings, "configuration reloaded");

@@ -3,7 +3,8 @@
 //! [`Server`] is the embeddable form (the simulator and the tests use it): `start` loads
 //! every plugin and binds every socket before returning (a bad plugin fails before any
 //! socket is bound), `shutdown` stops accepting and drains. [`run`] is the command: a
-//! [`Server`] plus signals — SIGTERM/Ctrl-C drain and exit 0, SIGHUP reloads.
+//! [`Server`] plus signals — SIGTERM/Ctrl-C drain and exit 0, SIGHUP reloads; with
+//! `--check`, [`check`] alone (what `start` checks before binding) and exit.
 //!
 //! Threads: the workers ([`crate::proxy`]) and one control-plane runtime ("lbwasm-control")
 //! for the admin API, health checks, load polling, ejections and managed processes.
@@ -16,9 +17,10 @@ mod control;
 mod managed;
 
 pub use control::{
-    AddReport, AddRequest, Added, AddedBackend, BackendReport, Control, ControlError, Draining,
-    Leaving, ListenerReport, ListenerState, Picked, PluginReport, PluginRequest, PluginSwapped,
-    ReloadReport, Reloader, Removed, Report, SelectRequest, Starting,
+    AddReport, AddRequest, Added, AddedBackend, BackendReport, ClusterReport, Control,
+    ControlError, Draining, Leaving, ListenerReport, ListenerState, Picked, PluginReport,
+    PluginRequest, PluginSwapped, ReloadReport, Reloader, Removed, ReplicaReport, Report,
+    SelectRequest, Starting,
 };
 
 use std::future::Future;
@@ -30,10 +32,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 
-use crate::config::{AdminConfig, Config, ListenerConfig, PluginRef, ServeArgs};
+use crate::config::{AdminConfig, BackendProtocol, Config, ListenerConfig, PluginRef, ServeArgs};
 use crate::metrics::Metrics;
 use crate::pool::{Backend, Pool};
 use crate::proxy::{self, ListenerShared, WorkerHandle};
+use crate::tls::{Terminator, Upstream};
 use lbwasm_plugin_host::{PluginSource, Runtime, RuntimeConfig};
 
 /// How long `run` lets in-flight requests finish after SIGTERM or Ctrl-C.
@@ -95,6 +98,50 @@ pub fn missing_builtin_hint(path: &std::path::Path) -> Option<String> {
     ))
 }
 
+/// Every listener's plugin, loaded (compiled, configured, described) in order: what
+/// [`Server::start_with`] does first and `serve --check` does alone.
+fn load_plugins(
+    runtime: &Runtime,
+    listeners: &[ListenerConfig],
+) -> Result<Vec<Arc<lbwasm_plugin_host::Plugin>>> {
+    listeners
+        .iter()
+        .map(|l| {
+            load_plugin(runtime, &plugin_source(&l.plugin), &l.plugin_options)
+                .with_context(|| format!("listener {:?}", l.name))
+        })
+        .collect()
+}
+
+/// `lbwasm serve --check`: what [`Server::start_with`] checks before it binds a socket —
+/// every listener's plugin, its TLS termination, its TLS to backends and its access log,
+/// and the admin endpoint's TLS — without binding, starting a worker or a managed process,
+/// or contacting anything. (`config` was built by [`ServeArgs::load`], which has read and
+/// checked the certificate files.) Returns how many listeners were checked.
+pub fn check(config: &Config) -> Result<usize> {
+    let runtime = wasm_runtime()?;
+    load_plugins(&runtime, &config.listeners)?;
+    for l in &config.listeners {
+        if let Some(tls) = &l.tls {
+            Terminator::new(&l.name, tls, proxy::alpn(l.protocol))
+                .with_context(|| format!("listener {:?}: tls", l.name))?;
+        }
+        if let Some(tls) = &l.backend_tls {
+            Upstream::new(&l.name, tls, l.backend_protocol == BackendProtocol::H2)
+                .with_context(|| format!("listener {:?}: backend_tls", l.name))?;
+        }
+        // Opened (created if missing) as `serve` opens it, as `nginx -t` does: a log that
+        // cannot be written is found now, not at start.
+        proxy::AccessLog::prepare(l.access_log.as_ref())
+            .with_context(|| format!("listener {:?}", l.name))?;
+    }
+    if let Some(tls) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        // The admin API offers HTTP/1.1 only (lbwasm-admin).
+        Terminator::new("admin", tls, &[b"http/1.1"]).context("admin: tls")?;
+    }
+    Ok(config.listeners.len())
+}
+
 /// The admin API as a [`Server`] sees it: the HTTP layer over [`Control`], which lives
 /// above this module (the control plane knows no HTTP), so the caller hands it in.
 pub trait AdminApi: Send + Sync {
@@ -142,7 +189,7 @@ impl Server {
     /// Starts a server whose reloads call `reloader` (e.g. to re-apply command-line flags
     /// over the file), serving `admin` on the `[admin]` socket.
     pub fn start_with(
-        config: Config,
+        mut config: Config,
         reloader: Option<Reloader>,
         admin: Option<Arc<dyn AdminApi>>,
     ) -> Result<Server> {
@@ -152,14 +199,21 @@ impl Server {
             );
         }
         raise_fd_limit();
+        // Cluster mode: pools and plugins as the cluster has them (etcd, else the snapshot
+        // this replica saved last, else the file).
+        let initial = match &config.cluster {
+            Some(c) => match control::initial(c) {
+                control::Initial::Store(m) | control::Initial::Saved(m) => {
+                    control::overlay(&mut config, &m);
+                    Some(m)
+                }
+                control::Initial::File => None,
+            },
+            None => None,
+        };
         let runtime = wasm_runtime()?;
         // Plugins first: a bad plugin or option fails before any socket is bound.
-        let mut plugins = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            let plugin = load_plugin(&runtime, &plugin_source(&l.plugin), &l.plugin_options)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            plugins.push(plugin);
-        }
+        let plugins = load_plugins(&runtime, &config.listeners)?;
         let routed_by = routed_by(&config.listeners);
         let mut sockets = Vec::with_capacity(config.listeners.len());
         let mut listen_addrs: Vec<SocketAddr> = Vec::with_capacity(config.listeners.len());
@@ -209,6 +263,11 @@ impl Server {
             .collect::<anyhow::Result<_>>()?;
         drop(events_tx);
         let metrics = Metrics::new(listeners.len());
+        // Cluster mode: what the file cannot say (draining) before a request is served.
+        let cluster = control::Cluster::new(&config, initial, admin_addr);
+        if let Some(c) = &cluster {
+            c.adopt(&listeners);
+        }
 
         // Workers first: if they cannot start, no runtime has to be torn down (dropping one
         // inside the caller's async context would panic).
@@ -222,15 +281,18 @@ impl Server {
             .build()
             .context("starting the control-plane runtime")?;
         let admin_config = config.admin.clone();
-        let control = Arc::new(Control::new(
-            runtime,
-            control_rt.handle().clone(),
-            listeners.clone(),
-            listen_addrs.clone(),
-            metrics.clone(),
-            config,
-            reloader,
-        ));
+        let control = Arc::new(
+            Control::new(
+                runtime,
+                control_rt.handle().clone(),
+                listeners.clone(),
+                listen_addrs.clone(),
+                metrics.clone(),
+                config,
+                reloader,
+            )
+            .with_cluster(cluster),
+        );
         control.start_background(events_rx);
         if let (Some(socket), Some(config), Some(admin)) = (admin_socket, admin_config, admin) {
             control_rt.spawn(admin.serve(socket, control.clone(), config));
@@ -377,6 +439,13 @@ pub async fn run(args: ServeArgs, admin: Arc<dyn AdminApi>) -> Result<()> {
     // Declared first, dropped last: after the server has stopped.
     let _at_exit = AtExit(admin.as_ref());
     let config = args.load()?;
+    if args.check {
+        // Before anything that binds, spawns or connects (sockets, workers, etcd, DNS).
+        let n = check(&config)?;
+        let s = if n == 1 { "" } else { "s" };
+        println!("lbwasm: configuration OK ({n} listener{s})");
+        return Ok(());
+    }
     let reload_args = args.clone();
     let reloader: Reloader = Box::new(move || reload_args.load().map_err(anyhow::Error::from));
     let server = Server::start_with(config, Some(reloader), Some(admin.clone()))?;

@@ -16,6 +16,10 @@ pub enum ControlError {
     /// validate, an access log that does not open.
     #[error("{0}")]
     Rejected(String),
+    /// Another change got there first (cluster mode: a replica wrote the same keys
+    /// since this one last applied them); nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
     /// Nothing can answer now: no healthy backend, or the plugin cannot pick.
     #[error("{0}")]
     Unavailable(String),

@@ -15,6 +15,9 @@ use lbwasm_plugin_host::{Plugin, ServerInfo};
 pub struct Report {
     /// One per listener.
     pub listeners: Vec<ListenerReport>,
+    /// Cluster mode: the cluster, this replica's connection and every live replica.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<super::ClusterReport>,
 }
 
 /// A listener, its plugin and its backends as the workers see them now.
@@ -83,6 +86,9 @@ pub struct BackendReport {
     /// which predates it; [`BackendReport::status`] uses it).
     #[serde(skip)]
     pub process_up: bool,
+    /// The DNS source (`dns://…`, `dns+srv://…`) that added it; absent for any other.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
 }
 
 impl BackendReport {
@@ -109,6 +115,7 @@ impl BackendReport {
             connections: info.backend_connections,
             load_samples: info.load_sample,
             process_up: st.process_up,
+            dns: None,
         }
     }
 
