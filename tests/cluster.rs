@@ -628,3 +628,72 @@ async fn cluster_seed_writes_a_file_once_and_replicas_follow_the_store() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reach_etcd_over_mutual_tls() {
+    let Some(bin) = etcd::require("cluster over TLS") else {
+        return;
+    };
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = common::tls::Pki::new("etcd test CA");
+        let server = pki.leaf("etcd", &["127.0.0.1"], 1);
+        let client_leaf = pki.leaf("lbwasm", &["lbwasm"], 2);
+        let etcd = Etcd::start_tls(&bin, &dir.path().join("etcd"), &server.cert, &server.key, &pki.ca_pem).await;
+        let url = etcd.url();
+        assert!(url.starts_with("https://"));
+        let bs = demo_backends(2).await;
+        let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr()).collect();
+        let tls_keys = |with_client: bool| {
+            let mut keys = format!("ca = \"{}\"\n", pki.ca_pem.display());
+            if with_client {
+                keys += &format!("cert = \"{}\"\nkey = \"{}\"\n", client_leaf.cert.display(), client_leaf.key.display());
+            }
+            keys
+        };
+        // The [cluster] table takes the TLS keys; `replica_with` writes them after its own.
+        let cluster_file = |name: &str, with_client: bool| {
+            let path = dir.path().join(format!("{name}.toml"));
+            let text = format!(
+                "workers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n[cluster]\nname = \"tls\"\netcd = [\"{url}\"]\n\
+                 replica = \"{name}\"\nstate_file = \"{}\"\n{}\
+                 [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nplugin = \"round_robin\"\n\
+                 [[listener.backend]]\naddress = \"{}\"\n",
+                dir.path().join(format!("{name}.json")).display(),
+                tls_keys(with_client),
+                addrs[0]
+            );
+            std::fs::write(&path, text).expect("config");
+            path
+        };
+        let start = |path: std::path::PathBuf| async move {
+            let mut cmd = lbwasm();
+            cmd.args(["serve", "--config"]).arg(&path);
+            cmd.stderr(Stdio::null());
+            serving(cmd, 1, true).await
+        };
+        let http = client();
+        let good = start(cluster_file("good", true)).await;
+        eventually("the replica connects over mutual TLS", || async { connected(&http, &good).await == Some(true) }).await;
+        let (s, v) = admin_json(&http, &good, Method::POST, "/backends/add", json!({"addresses": [addrs[1].to_string()]})).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let path = cluster_file("status", true);
+        let out = tokio::task::spawn_blocking(move || lbwasm().args(["cluster", "status", "--config"]).arg(&path).output())
+            .await
+            .expect("join")
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("listener web: plugin round_robin, 2 backends"), "{text}");
+
+        // Without a client certificate etcd refuses it: it serves its file, reports the
+        // store unavailable, and refuses writes with a 503.
+        let bad = start(cluster_file("bad", false)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(connected(&http, &bad).await, Some(false));
+        assert_eq!(members(&http, &bad).await, [(addrs[0].to_string(), false)]);
+        let (s, v) = admin_json(&http, &bad, Method::POST, "/backends/drain", json!({"addresses": [addrs[0].to_string()]})).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        drop((good, bad, etcd));
+    })
+    .await;
+}

@@ -49,6 +49,9 @@ pub struct Etcd {
     peer: SocketAddr,
     binary: PathBuf,
     pub dir: PathBuf,
+    /// Serving certificate, key and the CA client certificates must chain to: the client
+    /// port speaks TLS and requires a client certificate.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Etcd {
@@ -62,6 +65,24 @@ impl Etcd {
             peer,
             binary: binary.to_owned(),
             dir: dir.to_owned(),
+            tls: None,
+        };
+        etcd.restart().await;
+        etcd
+    }
+
+    /// [`Etcd::start`] with mutual TLS on the client port: `cert`/`key` served, client
+    /// certificates required, chaining to `ca`.
+    pub async fn start_tls(binary: &Path, dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Etcd {
+        let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut etcd = Etcd {
+            child: None,
+            client,
+            peer,
+            binary: binary.to_owned(),
+            dir: dir.to_owned(),
+            tls: Some((cert.to_owned(), key.to_owned(), ca.to_owned())),
         };
         etcd.restart().await;
         etcd
@@ -69,17 +90,26 @@ impl Etcd {
 
     /// The endpoint for `--etcd`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
     }
 
     /// Starts it again (after [`Etcd::kill`]) on the same ports and data directory.
     pub async fn restart(&mut self) {
         let (c, p) = (self.client, self.peer);
-        let child = Command::new(&self.binary)
+        let url = self.url();
+        let mut cmd = Command::new(&self.binary);
+        if let Some((cert, key, ca)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+            cmd.arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(&self.dir)
-            .arg(format!("--listen-client-urls=http://{c}"))
-            .arg(format!("--advertise-client-urls=http://{c}"))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
             .arg(format!("--listen-peer-urls=http://{p}"))
             .arg(format!("--initial-advertise-peer-urls=http://{p}"))
             .arg(format!("--initial-cluster=t=http://{p}"))
@@ -88,6 +118,14 @@ impl Etcd {
             .spawn()
             .expect("start etcd");
         self.child = Some(Reaped(child));
+        if self.tls.is_some() {
+            // Its HTTP health endpoint is behind the same TLS: wait for the port instead.
+            super::until("etcd listens", Duration::from_secs(20), || async move {
+                tokio::net::TcpStream::connect(c).await.ok().map(drop)
+            })
+            .await;
+            return;
+        }
         let http = super::http::client();
         super::until("etcd is healthy", Duration::from_secs(20), || {
             let http = http.clone();

@@ -752,6 +752,7 @@ impl Control {
         weight: u32,
         max_connections: u32,
     ) -> Result<AddReport, ControlError> {
+        cluster.store()?;
         let mirror = cluster.mirror();
         let (mut expect, mut writes) = (Vec::new(), Vec::new());
         let (mut undrained, mut unchanged, mut wanted) = (HashSet::new(), Vec::new(), Vec::new());
@@ -829,6 +830,7 @@ impl Control {
         l: &Arc<ListenerShared>,
         chosen: Vec<Arc<Backend>>,
     ) -> Result<Removed, ControlError> {
+        cluster.store()?;
         let keyed = Self::owned_keys(cluster, l, &chosen)?;
         let expect = keyed
             .iter()
@@ -853,6 +855,7 @@ impl Control {
         l: &Arc<ListenerShared>,
         chosen: Vec<Arc<Backend>>,
     ) -> Result<Draining, ControlError> {
+        cluster.store()?;
         let keyed = Self::owned_keys(cluster, l, &chosen)?;
         let mut expect = Vec::new();
         let mut writes = Vec::new();
