@@ -9,6 +9,19 @@ the balancer's RSS growth per connection. Every process it starts is stopped by 
 
     python3 bench/idle_conns.py [-n 4000] [--lbwasm target/release/lbwasm]
 
+With --pooled it measures idle *pooled backend* connections instead (the balancer's
+keep-alive connections to backends, kept between requests): `lbwasm backend --latency-ms`
+servers hold every answer back (1.5 s by default), N client requests go out at once so the
+balancer opens N backend connections, all are answered, the client connections are closed,
+and after the settle time the balancer's RSS growth is divided by the backend connections
+it really holds (counted in /proc/net/tcp among its own sockets, and printed). lbwasm
+keeps at most 256 idle connections per backend and worker (`MAX_IDLE` in
+crates/proxy/src/proxy/client.rs, not configurable), so the requests are spread over
+ceil(N / 256) backends unless --backends says otherwise; NGINX gets the same backends and
+`keepalive 20000`.
+
+    python3 bench/idle_conns.py --pooled [-n 2000] [--backends K] [--delay-ms 1500]
+
 Raise `ulimit -n` first for large N (each connection costs this script one descriptor).
 """
 
@@ -26,6 +39,10 @@ import time
 
 BACKEND_PORT = 9351
 LB_PORT = 9352
+# --pooled: backends on consecutive ports from here.
+POOLED_PORT = 9361
+# lbwasm's cap on idle connections per backend and worker (MAX_IDLE in client.rs).
+LBWASM_MAX_IDLE = 256
 BATCH = os.environ.get("BATCH") == "1"
 
 
@@ -123,6 +140,74 @@ def measure(name, pids_of, port, n, settle):
     return per
 
 
+def socket_inodes(pids):
+    """The inodes of the sockets these processes hold."""
+    out = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                link = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(int(link[8:-1]))
+    return out
+
+
+def backend_conns(pids, ports):
+    """Established TCP connections these processes hold to one of `ports`."""
+    inodes = socket_inodes(pids)
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    rem_port = int(cols[2].rsplit(":", 1)[1], 16)
+                    if cols[3] == "01" and rem_port in ports and int(cols[9]) in inodes:
+                        n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def measure_pooled(name, pids_of, port, n, settle, ports, peak_first):
+    """RSS growth per idle pooled backend connection: N requests at once (held in flight
+    by the backends' delay), all answered, client connections closed, settle, divide by
+    the backend connections the balancer really holds then. With `peak_first`, the same N
+    requests at once go first and the pool is left to empty (idle timeout), so that what
+    the allocator keeps from that peak is in the baseline, not in the figure."""
+    wait_port(port)
+    # Warm up: the first requests allocate what the process keeps anyway.
+    for s in open_idle(port, n if peak_first else 50):
+        s.close()
+    if peak_first:
+        deadline = time.time() + 90
+        while backend_conns(pids_of(), ports) and time.time() < deadline:
+            time.sleep(1)
+    time.sleep(settle)
+    pids = pids_of()
+    before = total_rss_kib(pids)
+    pooled_before = backend_conns(pids, ports)
+    t0 = time.time()
+    socks = open_idle(port, n)
+    took = time.time() - t0
+    for s in socks:
+        s.close()
+    # Let the allocator return what the exchanges took at the peak.
+    time.sleep(settle)
+    pids = pids_of()
+    after = total_rss_kib(pids)
+    pooled = backend_conns(pids, ports)
+    held = pooled - pooled_before
+    per = (after - before) / held if held > 0 else float("nan")
+    print(f"{name:8} {n:6d} {took:5.1f} {pooled_before:6d} {pooled:6d} {held:6d}"
+          f" {before / 1024:9.1f} {after / 1024:9.1f} {per:9.2f}", flush=True)
+    return per
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=4000, help="idle connections (default 4000)")
@@ -130,7 +215,20 @@ def main():
     ap.add_argument("--settle", type=float, default=6.0,
                     help="seconds between the last answer and the RSS reading (default 6:"
                          " lbwasm workers return freed pages every 5 s)")
+    ap.add_argument("--pooled", action="store_true",
+                    help="measure idle pooled backend connections instead of client ones")
+    ap.add_argument("--backends", type=int, default=0,
+                    help="--pooled: backends to spread the requests over (default"
+                         f" ceil(N / {LBWASM_MAX_IDLE}), lbwasm's idle cap per backend)")
+    ap.add_argument("--peak-first", action="store_true",
+                    help="--pooled: run the N requests once first and wait (~35 s) for the"
+                         " pools to empty, so the allocator's leftovers of that peak are in"
+                         " the baseline")
+    ap.add_argument("--delay-ms", type=int, default=1500,
+                    help="--pooled: how long the backends hold each answer (default 1500)")
     args = ap.parse_args()
+    if args.pooled:
+        args.settle = min(args.settle, 20.0)  # lbwasm closes pooled ones idle for 30 s
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, args.n * 2 + 1000)
     if soft < want:
@@ -159,7 +257,49 @@ uwsgi_temp_path {work}; scgi_temp_path {work};
 """)
         return path
 
+    def stop(p):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
     try:
+        if args.pooled:
+            k = args.backends or -(-args.n // LBWASM_MAX_IDLE)
+            ports = set(range(POOLED_PORT, POOLED_PORT + k))
+            addrs = [f"127.0.0.1:{p}" for p in sorted(ports)]
+            print(f"# {k} backend(s) `lbwasm backend --latency-ms {args.delay_ms}`, ports"
+                  f" {POOLED_PORT}-{POOLED_PORT + k - 1}; lbwasm keeps at most"
+                  f" {LBWASM_MAX_IDLE} idle per backend and worker"
+                  f" (so at most {LBWASM_MAX_IDLE * k} here)", flush=True)
+            start([args.lbwasm, "backend", "--port", str(POOLED_PORT), "--count", str(k),
+                   "--latency-ms", str(args.delay_ms), "--log-level", "warn"])
+            for p in sorted(ports):
+                wait_port(p)
+            print("# KiB/conn = (rss_after - rss_before) / (pooled_after - pooled_before),"
+                  " pooled = established connections the balancer holds to the backends")
+            print("balancer  reqs  secs p_bef p_aft   held rss_bef_MiB rss_aft_MiB  KiB/conn")
+            lb = start([args.lbwasm, "serve", "--listen", f"127.0.0.1:{LB_PORT}",
+                        "--backends", ",".join(addrs), "--plugin", "round_robin",
+                        "--workers", "1", "--no-load-poll", "--log-level", "warn"])
+            measure_pooled("lbwasm", lambda: [lb.pid], LB_PORT, args.n, args.settle, ports,
+                           args.peak_first)
+            stop(lb)
+            if nginx:
+                servers = " ".join(f"server {a};" for a in addrs)
+                conf = nginx_conf("lb", f"upstream b {{ {servers} keepalive 20000;"
+                                        f" keepalive_timeout 30s; }}"
+                                        f"server {{ listen 127.0.0.1:{LB_PORT}; location / {{"
+                                        f" proxy_pass http://b; proxy_http_version 1.1;"
+                                        f' proxy_set_header Connection ""; }} }}')
+                ngx = start([nginx, "-c", conf, "-e", f"{work}/lb.err"])
+                measure_pooled("nginx", lambda: children(ngx.pid), LB_PORT, args.n,
+                               args.settle, ports, args.peak_first)
+            else:
+                print("nginx    (not installed: apt-get install nginx)")
+            return 0
         if nginx:
             conf = nginx_conf("backend", f'server {{ listen 127.0.0.1:{BACKEND_PORT}; '
                                          f'location / {{ return 200 "ok"; }} }}')

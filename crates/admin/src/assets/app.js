@@ -105,9 +105,13 @@ async function checkAccess() {
 // Cluster mode: the replicas and whether each runs the latest configuration (the event
 // stream carries this server's figures only; the cluster changes rarely, so a poll).
 async function refreshCluster() {
+  // A plain read: a missing token is asked for by the event stream, not by this poll.
   let r;
   try {
-    r = await api('GET', '/backends');
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const res = await fetch('/backends', { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+    if (!res.ok) return;
+    r = await res.json();
   } catch (_) {
     return;
   }
