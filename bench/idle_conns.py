@@ -17,10 +17,13 @@ and after the settle time the balancer's RSS growth is divided by the backend co
 it really holds (counted in /proc/net/tcp among its own sockets, and printed). lbwasm
 keeps at most 256 idle connections per backend and worker (`MAX_IDLE` in
 crates/proxy/src/proxy/client.rs, not configurable), so the requests are spread over
-ceil(N / 256) backends unless --backends says otherwise; NGINX gets the same backends and
-`keepalive 20000`.
+ceil(N / 256) backends unless --backends says otherwise; NGINX gets the same backends,
+`keepalive 20000` and `keepalive_timeout 30s` (lbwasm's idle timeout). --peak-first sends
+the same burst once before the baseline and waits for both pools to empty, so that what
+the allocator keeps from the burst is in the baseline, not in the figure.
 
     python3 bench/idle_conns.py --pooled [-n 2000] [--backends K] [--delay-ms 1500]
+                                [--peak-first]
 
 Raise `ulimit -n` first for large N (each connection costs this script one descriptor).
 """
