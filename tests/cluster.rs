@@ -149,6 +149,18 @@ async fn status(etcd_url: &str, cluster: &str) -> (String, bool) {
     (text, out.status.success())
 }
 
+/// An admin `POST` that must succeed; its answer.
+async fn post_ok(http: &HttpClient, r: &Serving, path: &str, body: Value) -> Value {
+    let (status, v) = admin_json(http, r, Method::POST, path, body).await;
+    assert_eq!(status, StatusCode::OK, "POST {path}: {v}");
+    v
+}
+
+/// A selection body naming one backend.
+fn pick_of(addr: SocketAddr) -> Value {
+    json!({"addresses": [addr.to_string()]})
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -187,7 +199,7 @@ async fn replicas_converge_on_backends_plugins_and_refuse_conflicting_edits() {
                 &rs[0],
                 Method::POST,
                 "/backends/add",
-                json!({"addresses": [addrs[3].to_string()]}),
+                pick_of(addrs[3]),
             )
             .await;
             assert_eq!(s, StatusCode::OK, "trial {trial}: {v}");
@@ -206,15 +218,7 @@ async fn replicas_converge_on_backends_plugins_and_refuse_conflicting_edits() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             took.push(started.elapsed());
-            let (s, v) = admin_json(
-                &http,
-                &rs[1],
-                Method::POST,
-                "/backends/remove",
-                json!({"addresses": [addrs[3].to_string()]}),
-            )
-            .await;
-            assert_eq!(s, StatusCode::OK, "{v}");
+            post_ok(&http, &rs[1], "/backends/remove", pick_of(addrs[3])).await;
             for r in &rs {
                 eventually("the removal reached every replica", || async {
                     !has(&http, r, addrs[3]).await
@@ -230,25 +234,9 @@ async fn replicas_converge_on_backends_plugins_and_refuse_conflicting_edits() {
         );
 
         // Plugin swaps on B: every replica runs it, and /pick agrees on 1,000 keys.
-        let (s, v) = admin_json(
-            &http,
-            &rs[0],
-            Method::POST,
-            "/backends/add",
-            json!({"addresses": [addrs[2].to_string()]}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        post_ok(&http, &rs[0], "/backends/add", pick_of(addrs[2])).await;
         for plugin in ["maglev", "consistent_hash"] {
-            let (s, v) = admin_json(
-                &http,
-                &rs[1],
-                Method::POST,
-                "/plugin",
-                json!({"plugin": plugin}),
-            )
-            .await;
-            assert_eq!(s, StatusCode::OK, "{v}");
+            post_ok(&http, &rs[1], "/plugin", json!({"plugin": plugin})).await;
             for r in &rs {
                 eventually("every replica runs the plugin and pool", || async {
                     let (_, v) = admin_json(&http, r, Method::GET, "/backends", Value::Null).await;
@@ -332,7 +320,7 @@ async fn replicas_converge_on_backends_plugins_and_refuse_conflicting_edits() {
         // Two conflicting edits at once (etcd paused so both are in flight): one wins, the
         // other is a 409, and no replica diverges.
         etcd.signal(libc::SIGSTOP);
-        let body = json!({"addresses": [addrs[2].to_string()]});
+        let body = pick_of(addrs[2]);
         let drain = admin_json(&http, &rs[0], Method::POST, "/backends/drain", body.clone());
         let remove = admin_json(&http, &rs[2], Method::POST, "/backends/remove", body);
         let resume = async {
@@ -389,15 +377,7 @@ async fn replicas_keep_serving_through_etcd_and_replica_failures() {
         for name in ["a", "b", "c"] {
             rs.push(replica(dir.path(), &url, "fail", name, &addrs[..2]).await);
         }
-        let (s, v) = admin_json(
-            &http,
-            &rs[0],
-            Method::POST,
-            "/backends/add",
-            json!({"addresses": [addrs[2].to_string()]}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        post_ok(&http, &rs[0], "/backends/add", pick_of(addrs[2])).await;
         for r in &rs {
             eventually("the runtime add reached every replica", || async {
                 has(&http, r, addrs[2]).await
@@ -434,7 +414,7 @@ async fn replicas_keep_serving_through_etcd_and_replica_failures() {
             &rs[1],
             Method::POST,
             "/backends/add",
-            json!({"addresses": [addrs[3].to_string()]}),
+            pick_of(addrs[3]),
         )
         .await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
@@ -448,15 +428,7 @@ async fn replicas_keep_serving_through_etcd_and_replica_failures() {
             })
             .await;
         }
-        let (s, v) = admin_json(
-            &http,
-            &rs[1],
-            Method::POST,
-            "/backends/add",
-            json!({"addresses": [addrs[3].to_string()]}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        post_ok(&http, &rs[1], "/backends/add", pick_of(addrs[3])).await;
         eventually("the add after the restart reaches C", || async {
             has(&http, &rs[2], addrs[3]).await
         })
@@ -464,24 +436,8 @@ async fn replicas_keep_serving_through_etcd_and_replica_failures() {
 
         // SIGSTOP B, change and compact, SIGCONT: B resyncs.
         common::process::signal(&rs[1].child, libc::SIGSTOP);
-        let (s, v) = admin_json(
-            &http,
-            &rs[0],
-            Method::POST,
-            "/backends/drain",
-            json!({"addresses": [addrs[3].to_string()]}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
-        let (s, v) = admin_json(
-            &http,
-            &rs[0],
-            Method::POST,
-            "/backends/remove",
-            json!({"addresses": [addrs[0].to_string()]}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        post_ok(&http, &rs[0], "/backends/drain", pick_of(addrs[3])).await;
+        post_ok(&http, &rs[0], "/backends/remove", pick_of(addrs[0])).await;
         etcd.compact(&http).await;
         common::process::signal(&rs[1].child, libc::SIGCONT);
         eventually(
@@ -675,8 +631,7 @@ async fn replicas_reach_etcd_over_mutual_tls() {
         let http = client();
         let good = start(cluster_file("good", true)).await;
         eventually("the replica connects over mutual TLS", || async { connected(&http, &good).await == Some(true) }).await;
-        let (s, v) = admin_json(&http, &good, Method::POST, "/backends/add", json!({"addresses": [addrs[1].to_string()]})).await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        post_ok(&http, &good, "/backends/add", pick_of(addrs[1])).await;
         let path = cluster_file("status", true);
         let out = tokio::task::spawn_blocking(move || lbwasm().args(["cluster", "status", "--config"]).arg(&path).output())
             .await
@@ -691,7 +646,7 @@ async fn replicas_reach_etcd_over_mutual_tls() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(connected(&http, &bad).await, Some(false));
         assert_eq!(members(&http, &bad).await, [(addrs[0].to_string(), false)]);
-        let (s, v) = admin_json(&http, &bad, Method::POST, "/backends/drain", json!({"addresses": [addrs[0].to_string()]})).await;
+        let (s, v) = admin_json(&http, &bad, Method::POST, "/backends/drain", pick_of(addrs[0])).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
         drop((good, bad, etcd));
     })

@@ -57,32 +57,24 @@ pub struct Etcd {
 impl Etcd {
     /// Starts a one-member etcd with its data under `dir` and waits until it is healthy.
     pub async fn start(binary: &Path, dir: &Path) -> Etcd {
-        let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut etcd = Etcd {
-            child: None,
-            client,
-            peer,
-            binary: binary.to_owned(),
-            dir: dir.to_owned(),
-            tls: None,
-        };
-        etcd.restart().await;
-        etcd
+        Self::launch(binary, dir, None).await
     }
 
     /// [`Etcd::start`] with mutual TLS on the client port: `cert`/`key` served, client
     /// certificates required, chaining to `ca`.
     pub async fn start_tls(binary: &Path, dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Etcd {
-        let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let tls = (cert.to_owned(), key.to_owned(), ca.to_owned());
+        Self::launch(binary, dir, Some(tls)).await
+    }
+
+    async fn launch(binary: &Path, dir: &Path, tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
         let mut etcd = Etcd {
             child: None,
-            client,
-            peer,
+            client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
             binary: binary.to_owned(),
             dir: dir.to_owned(),
-            tls: Some((cert.to_owned(), key.to_owned(), ca.to_owned())),
+            tls,
         };
         etcd.restart().await;
         etcd

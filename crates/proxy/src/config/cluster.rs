@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::leaf::{NonEmpty, Positive, Text};
+// Cluster and replica names become parts of etcd keys: a listener name's characters (no
+// `/`) fit.
+use super::leaf::{ListenerName, NonEmpty, Positive, Text};
 use super::value::{At, Item, List};
 
 /// `[cluster]`.
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileCluster {
-    pub name: Option<At<ClusterName>>,
+    pub name: Option<At<ListenerName>>,
     pub etcd: Option<List<At<EtcdUrl>>>,
-    pub replica: Option<At<ClusterName>>,
+    pub replica: Option<At<ListenerName>>,
     pub state_file: Option<At<NonEmpty>>,
     pub lease_ttl: Option<At<Positive>>,
     pub username: Option<At<NonEmpty>>,
@@ -29,23 +31,6 @@ pub(super) struct FileCluster {
 
 impl Item for At<EtcdUrl> {
     const ARRAY: &'static str = "an array of etcd endpoints (\"http://127.0.0.1:2379\")";
-}
-
-/// A cluster or replica name: it becomes part of etcd keys, so no `/`.
-pub(super) struct ClusterName;
-
-impl Text for ClusterName {
-    type Value = String;
-    const WHAT: &'static str = "a name of ASCII letters, digits, '-', '_' and '.'";
-    fn parse(text: &str) -> Option<String> {
-        let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
-        (!text.is_empty()
-            && text.len() <= 128
-            && text.chars().all(valid)
-            && text != "."
-            && text != "..")
-            .then(|| text.to_owned())
-    }
 }
 
 /// An etcd endpoint: `http://HOST:PORT` or `https://HOST:PORT`.
