@@ -350,11 +350,21 @@ async fn replicas_converge_on_backends_plugins_and_refuse_conflicting_edits() {
             })
             .await;
         }
-        assert!(
-            metrics(&http, &rs[0])
-                .await
-                .contains("lbwasm_cluster_conflicts_total")
-        );
+        // The refused write is counted on the replica that made it, and only there.
+        let mut conflicts = 0;
+        for r in &rs {
+            let text = metrics(&http, r).await;
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("lbwasm_cluster_conflicts_total{"))
+                .expect("conflicts counter");
+            conflicts += line
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .expect("count");
+        }
+        assert_eq!(conflicts, 1, "one refused write in the cluster");
         drop(rs);
         etcd.kill();
     })

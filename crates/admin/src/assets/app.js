@@ -118,14 +118,18 @@ async function refreshCluster() {
   const c = r && r.cluster;
   const el = $('#cluster');
   el.hidden = !c;
-  if (!c) return;
+  if (!c) {
+    // Cluster mode is set at start: a server without it never needs this poll again.
+    clearInterval(clusterPoll);
+    return;
+  }
   const replicas = c.replicas
     .map((x) => `${x.replica}${x.replica === c.replica ? ' (this)' : ''}${x.up_to_date ? '' : ' BEHIND'}`)
     .join(', ');
   const store = c.connected ? `revision ${c.applied_revision}` : 'STORE UNAVAILABLE: serving the last applied configuration';
   put(el, `cluster ${c.name} · ${store} · replicas: ${replicas || 'none seen'}`, c.connected ? 'muted' : 'warn');
 }
-setInterval(refreshCluster, 2000);
+const clusterPoll = setInterval(refreshCluster, 2000);
 refreshCluster();
 
 // A half-open connection sends nothing and reports nothing: reopen it.

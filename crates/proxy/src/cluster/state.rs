@@ -39,32 +39,19 @@ impl Mirror {
         self.entries.contains_key(keys::META)
     }
 
-    /// Reads a saved snapshot.
+    /// Reads a saved snapshot: only one this user wrote (owned by it, writable by no one
+    /// else). The default location is the shared temporary directory, where another user
+    /// could otherwise plant a configuration a replica would serve while etcd is down.
     pub fn load(path: &Path) -> Result<Mirror> {
+        check_private(path)?;
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("{}: not a snapshot", path.display()))
     }
 
-    /// Saves it atomically (a temporary file renamed over the old one), readable by the
-    /// owner only: it holds the cluster's configuration.
+    /// Saves it atomically, readable by the owner only: it holds the cluster's
+    /// configuration.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec(self)?;
-        {
-            use std::io::Write as _;
-            #[cfg(unix)]
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            options.mode(0o600);
-            let mut f = options
-                .open(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        write_private(path, &serde_json::to_vec(self)?)
     }
 
     /// The bytes of component `digest` (`sha256:HEX`) if all its chunks are here and
@@ -81,6 +68,63 @@ impl Mirror {
         }
         (!bytes.is_empty() && digest_of(&bytes) == digest).then_some(bytes)
     }
+}
+
+/// Writes `bytes` to `path` atomically: a new file of mode 0600 (never one that was
+/// there: a planted file or symbolic link at the temporary name is removed, then the file
+/// is created exclusively), renamed over `path`.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut f = options
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// Refuses a file or folder this process's user does not own, or that others may write.
+pub fn check_private(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.file_type().is_symlink() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            anyhow::bail!(
+                "{}: refused: not a file of this user that only it may write (owner {}, mode {:o})",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (mode 0700) if missing and checks it is this user's alone.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let _ = std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir);
+    }
+    #[cfg(not(unix))]
+    let _ = std::fs::create_dir_all(dir);
+    check_private(dir)
 }
 
 /// `sha256:HEX` of a component: how the cluster names uploaded plugins.
@@ -444,8 +488,24 @@ mod tests {
         assert_eq!(m.blob(&digest), None, "a missing chunk fails the digest");
         let path =
             std::env::temp_dir().join(format!("lbwasm-mirror-test-{}.json", std::process::id()));
+        // A planted link at the temporary name is replaced, not followed.
+        let victim = path.with_extension("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let _ = std::fs::remove_file(path.with_extension("tmp"));
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
         m.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         assert_eq!(Mirror::load(&path).unwrap(), m);
+        // A snapshot others may write is refused.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+            let e = Mirror::load(&path).unwrap_err().to_string();
+            assert!(e.contains("refused"), "{e}");
+        }
         let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(victim);
     }
 }

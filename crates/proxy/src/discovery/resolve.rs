@@ -73,10 +73,26 @@ pub(super) async fn resolve(
         }
     };
     match tokio::time::timeout(timeout, work).await {
+        Ok(Outcome::Found { members, ttl }) if members.len() > MAX_MEMBERS => {
+            // A DNS server (or whoever answers for it) cannot grow a pool without bound:
+            // the first addresses in order are kept, the same on every replica.
+            tracing::warn!(
+                name = query.name(),
+                answered = members.len(),
+                kept = MAX_MEMBERS,
+                "DNS answer has more backends than a source takes: the rest are ignored"
+            );
+            let members = members.into_iter().take(MAX_MEMBERS).collect();
+            Outcome::Found { members, ttl }
+        }
         Ok(outcome) => outcome,
         Err(_) => Outcome::Failed(format!("no answer within {timeout:?}")),
     }
 }
+
+/// Most backends one DNS source adds to a pool (the pool sizes the project measures go
+/// to 1,000).
+pub(super) const MAX_MEMBERS: usize = 1024;
 
 /// The result of one record type's lookup: records, nothing (NXDOMAIN or not of this
 /// type), or failure.

@@ -166,15 +166,16 @@ fn source_of(
         return Ok(PluginSource::Builtin(p.plugin.clone()));
     };
     let path = dir.join(format!("{}.wasm", digest.replace(':', "-")));
-    if !path.exists() {
+    // The folder is this user's alone, and a file already there is used only if it still
+    // has the digest it is named by: anything else is written again from the store.
+    state::private_dir(dir).map_err(|e| format!("{e:#}"))?;
+    let intact = state::check_private(&path).is_ok()
+        && std::fs::read(&path).is_ok_and(|b| state::digest_of(&b) == digest);
+    if !intact {
         let bytes = mirror
             .blob(digest)
             .ok_or_else(|| format!("component {digest} is not (completely) in the store"))?;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        state::write_private(&path, &bytes).map_err(|e| format!("{e:#}"))?;
     }
     Ok(PluginSource::File(path))
 }
@@ -923,5 +924,45 @@ impl Control {
             .await;
         lock(&cluster.preloaded).remove(&spec);
         result.map(|()| previous)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Entry;
+
+    /// A component file planted (or damaged) under the digest's name is written again
+    /// from the store, never loaded.
+    #[test]
+    fn a_component_file_is_used_only_with_its_digest() {
+        let dir = std::env::temp_dir().join(format!("lbwasm-blob-test-{}", std::process::id()));
+        let bytes = b"\0asm component bytes".to_vec();
+        let digest = state::digest_of(&bytes);
+        let mut mirror = Mirror::default();
+        mirror.entries.insert(
+            keys::blob_chunk(&digest, 0),
+            Entry {
+                value: bytes.clone(),
+                mod_revision: 1,
+            },
+        );
+        let spec = PluginSpec {
+            plugin: digest.clone(),
+            name: None,
+            options: Default::default(),
+        };
+        let Ok(PluginSource::File(path)) = source_of(&spec, &mirror, &dir) else {
+            panic!("no file");
+        };
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        std::fs::write(&path, b"planted").unwrap();
+        source_of(&spec, &mirror, &dir).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "rewritten from the store"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
