@@ -25,10 +25,25 @@ the allocator keeps from the burst is in the baseline, not in the figure.
     python3 bench/idle_conns.py --pooled [-n 2000] [--backends K] [--delay-ms 1500]
                                 [--peak-first]
 
-Raise `ulimit -n` first for large N (each connection costs this script one descriptor).
+Large N (issue 17 asks for 50,000): the script raises its open-files limit to 2N + 1000,
+the hard limit too when it may (root with CAP_SYS_RESOURCE, up to fs.nr_open; the
+balancers inherit it: lbwasm raises its soft limit to the hard one, NGINX gets
+`worker_rlimit_nofile` and `worker_connections` of 2N + 1000, or the hard limit), and
+refuses an N the hard limit cannot hold (about limit - 600). KiB/conn is the RSS growth
+divided by the connections the balancer still holds (NGINX short of worker_connections
+closes idle ones; `held` is printed). One client address reaches one listener port from at
+most ~28,000 ephemeral ports (net.ipv4.ip_local_port_range 32768-60999), so connection i
+is bound to source address 127.0.0.(1 + i // --per-source) (20,000 by default) with
+IP_BIND_ADDRESS_NO_PORT (the port is picked at connect, for the whole 4-tuple); below
+--per-source nothing is bound, as before. With all N open, one more connection sends a GET
+and must get its 200 (printed), and with --admin-check lbwasm gets an admin listener whose
+/healthz and /metrics must answer too.
+
+    python3 bench/idle_conns.py -n 50000 [--admin-check]
 """
 
 import argparse
+import http.client
 import os
 import resource
 import selectors
@@ -47,6 +62,11 @@ POOLED_PORT = 9361
 # lbwasm's cap on idle connections per backend and worker (MAX_IDLE in client.rs).
 LBWASM_MAX_IDLE = 256
 BATCH = os.environ.get("BATCH") == "1"
+# Client connections per source address (127.0.0.1, .2, ...); set by --per-source.
+PER_SOURCE = 20000
+# Linux IP_BIND_ADDRESS_NO_PORT: bind() takes the address only, connect() picks the port.
+IP_BIND_ADDRESS_NO_PORT = 24
+ADMIN_PORT = 9353
 
 
 def rss_kib(pid):
@@ -90,6 +110,10 @@ def open_idle(port, n):
     request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
     for i in range(n):
         s = socket.socket()
+        if n > PER_SOURCE:
+            # One source address has ~28,000 ephemeral ports towards one listener.
+            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            s.bind((f"127.0.0.{1 + i // PER_SOURCE}", 0))
         s.setblocking(False)
         try:
             s.connect(("127.0.0.1", port))
@@ -125,19 +149,59 @@ def pump(sel, request, block):
                     sel.unregister(s)
 
 
-def measure(name, pids_of, port, n, settle):
+def established(port):
+    """Established connections to 127.0.0.1:port (the balancer's side of them)."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if cols[3] == "01" and cols[1] == f"0100007F:{port:04X}":
+                n += 1
+    return n
+
+
+def fresh_get(port, path="/"):
+    """One GET on a new connection: (status, milliseconds)."""
+    t0 = time.time()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        return r.status, (time.time() - t0) * 1000, body
+    finally:
+        c.close()
+
+
+def measure(name, pids_of, port, n, settle, admin=None):
     wait_port(port)
     # Warm up: the first requests allocate what the process keeps anyway.
     for s in open_idle(port, 50):
         s.close()
     time.sleep(0.5)
     before = total_rss_kib(pids_of())
+    t0 = time.time()
     socks = open_idle(port, n)
+    took = time.time() - t0
     # Let the allocator return what the requests' buffers took at the peak.
     time.sleep(settle)
     after = total_rss_kib(pids_of())
-    per = (after - before) / n
-    print(f"{name:8} {n:7d} {before / 1024:9.1f} {after / 1024:9.1f} {per:10.2f}", flush=True)
+    # What the balancer still holds: NGINX short of worker_connections closes idle ones.
+    held = established(port)
+    per = (after - before) / held if held else float("nan")
+    print(f"{name:8} {n:7d} {before / 1024:9.1f} {after / 1024:9.1f} {per:10.2f}"
+          f" {(after - before) / 1024:9.1f} {took:6.1f} {held:6d}", flush=True)
+    if n > PER_SOURCE or admin:
+        status, ms, _ = fresh_get(port)
+        line = (f"#   {name}: {held} established to :{port} while held; a new connection's"
+                f" GET / -> {status} in {ms:.1f} ms")
+        if admin:
+            hs, hms, _ = fresh_get(admin, "/healthz")
+            ms_, mms, body = fresh_get(admin, "/metrics")
+            line += (f"; admin /healthz -> {hs} in {hms:.1f} ms, /metrics -> {ms_}"
+                     f" ({len(body)} bytes) in {mms:.1f} ms")
+        print(line, flush=True)
     for s in socks:
         s.close()
     return per
@@ -212,6 +276,7 @@ def measure_pooled(name, pids_of, port, n, settle, ports, peak_first):
 
 
 def main():
+    global PER_SOURCE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=4000, help="idle connections (default 4000)")
     ap.add_argument("--lbwasm", default="target/release/lbwasm")
@@ -229,13 +294,42 @@ def main():
                          " the baseline")
     ap.add_argument("--delay-ms", type=int, default=1500,
                     help="--pooled: how long the backends hold each answer (default 1500)")
+    ap.add_argument("--per-source", type=int, default=PER_SOURCE,
+                    help="client connections per source address 127.0.0.X when N is larger"
+                         f" (default {PER_SOURCE})")
+    ap.add_argument("--admin-check", action="store_true",
+                    help=f"give lbwasm an admin listener (127.0.0.1:{ADMIN_PORT}) and check"
+                         " that /healthz and /metrics answer while the N are held")
     args = ap.parse_args()
+    PER_SOURCE = args.per_source
     if args.pooled:
         args.settle = min(args.settle, 20.0)  # lbwasm closes pooled ones idle for 30 s
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, args.n * 2 + 1000)
+    want = args.n * 2 + 1000
+    if hard < want:
+        # Raising the hard limit needs CAP_SYS_RESOURCE (root normally has it; some
+        # containers drop it); the balancers inherit the new limit.
+        with open("/proc/sys/fs/nr_open") as f:
+            new_hard = min(want, int(f.read()))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, new_hard), new_hard))
+            print(f"# raised the open-files hard limit {hard} -> {new_hard} (inherited by"
+                  f" the balancers)", flush=True)
+            hard = new_hard
+        except (ValueError, OSError) as e:
+            print(f"# cannot raise the open-files hard limit {hard} -> {new_hard}: {e}"
+                  f" (needs CAP_SYS_RESOURCE)", flush=True)
+    # This script holds N client sockets, a balancer N accepted ones (+ its backend side).
+    if hard < args.n + 600:
+        print(f"-n {args.n} needs an open-files hard limit of at least {args.n + 600}"
+              f" (here {hard}: the balancer holds one descriptor per client connection);"
+              f" raise it (ulimit -Hn / prlimit --nofile as root with CAP_SYS_RESOURCE,"
+              f" LimitNOFILE=) or use -n {max(0, hard - 600)} or less", file=sys.stderr)
+        return 1
+    want = min(hard, want)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    nofile = want  # NGINX's worker_rlimit_nofile and worker_connections
 
     nginx = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
     work = tempfile.mkdtemp(prefix="idle-conns-")
@@ -251,8 +345,8 @@ def main():
         path = os.path.join(work, name)
         with open(path, "w") as f:
             f.write(f"""daemon off; worker_processes 1; pid {work}/{name}.pid;
-error_log {work}/{name}.err; worker_rlimit_nofile {args.n * 2 + 1000};
-events {{ worker_connections {args.n * 2 + 1000}; }}
+error_log {work}/{name}.err; worker_rlimit_nofile {nofile};
+events {{ worker_connections {nofile}; }}
 http {{ access_log off; keepalive_timeout 300s; keepalive_requests 100000;
 client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};
 uwsgi_temp_path {work}; scgi_temp_path {work};
@@ -310,11 +404,17 @@ uwsgi_temp_path {work}; scgi_temp_path {work};
         else:
             start([args.lbwasm, "backend", "--port", str(BACKEND_PORT)])
         wait_port(BACKEND_PORT)
-        print("balancer  conns  rss_before_MiB rss_after_MiB  KiB/conn")
+        print("# KiB/conn = RSS growth / connections the balancer holds (held, ESTABLISHED in"
+              " /proc/net/tcp)")
+        print("balancer  conns  rss_before_MiB rss_after_MiB  KiB/conn growth_MiB open_s   held")
+        admin = ["--admin", f"127.0.0.1:{ADMIN_PORT}"] if args.admin_check else []
         lb = start([args.lbwasm, "serve", "--listen", f"127.0.0.1:{LB_PORT}", "--backends",
                     f"127.0.0.1:{BACKEND_PORT}", "--plugin", "round_robin", "--workers", "1",
-                    "--no-load-poll", "--log-level", "warn"])
-        measure("lbwasm", lambda: [lb.pid], LB_PORT, args.n, args.settle)
+                    "--no-load-poll", "--log-level", "warn"] + admin)
+        if admin:
+            wait_port(ADMIN_PORT)
+        measure("lbwasm", lambda: [lb.pid], LB_PORT, args.n, args.settle,
+                ADMIN_PORT if admin else None)
         lb.send_signal(signal.SIGTERM)
         lb.wait(timeout=10)
         if nginx:
