@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::backends::demo_backends;
 use common::bounded;
@@ -141,6 +141,97 @@ fn none_is_honoured_when_no_backend_is_eligible() {
     }
     let s = plugin.stats();
     assert_eq!((s.refusals, s.bad_answers, s.fallbacks), (5, 0, 0), "{s:?}");
+}
+
+// ---- a build off the request path that fails -------------------------------------------
+
+/// The first instance's `set-servers` takes 5 ms, so the next pool change is built off the
+/// request path; that instance loops in `set-servers`. The old instance serves meanwhile;
+/// the build is cut off by its deadline (2 s) and counted as a timeout, the instance is
+/// dropped, and the next pick falls back while another build runs.
+#[test]
+fn a_build_off_the_request_path_that_loops_is_cut_off_and_counted() {
+    let plugin = hostile(
+        &runtime(),
+        &[
+            ("mode", "slow_servers"),
+            ("slow_ms", "5"),
+            ("instances_ok", "1"),
+        ],
+    );
+    let mut sel = plugin.worker_selector();
+    let mut req = RequestInfo::default();
+    let three = StaticPool::with_servers(3).view();
+    assert_eq!(sel.choose(&three, &mut req, &[]).source, PickSource::Plugin);
+    let four = StaticPool::with_servers(4).view();
+    let started = Instant::now();
+    let mut answered = 0;
+    let fault = loop {
+        let p = sel.choose(&four, &mut req, &[]);
+        assert!(p.index.is_some(), "{p:?}");
+        match p.source {
+            PickSource::Plugin => answered += 1,
+            PickSource::Fallback(f) => break f,
+        }
+        assert!(sel.rebuilding());
+        assert!(started.elapsed() < Duration::from_secs(30), "never cut off");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(fault, Fault::Timeout);
+    assert!(answered > 0, "the old instance answered during the build");
+    let s = sel.rebuild_stats();
+    assert_eq!((s.started, s.swapped, s.failed), (1, 0, 1), "{s:?}");
+    assert_eq!(s.stale_calls, answered);
+    assert_eq!(plugin.stats().timeouts, 1);
+    // No instance now: the fallback serves while the next build runs.
+    let p = sel.choose(&four, &mut req, &[]);
+    assert!(p.index.is_some(), "{p:?}");
+    assert!(
+        matches!(&p.source, PickSource::Fallback(Fault::Unavailable(m)) if m.contains("off the request path")),
+        "{p:?}"
+    );
+    assert!(sel.rebuilding());
+    assert_eq!(sel.rebuild_stats().started, 2);
+}
+
+/// A first `set-servers` over the setup deadline (1 s here) is not made again on the
+/// request path: the next instance is built off it, under the longer deadline (2 s), and
+/// picks once it is swapped in; the fallback serves meanwhile.
+#[test]
+fn a_first_fill_over_the_setup_deadline_is_made_again_off_the_request_path() {
+    let plugin = hostile(
+        &runtime(),
+        &[
+            ("mode", "slow_servers"),
+            ("slow_ms", "1500"),
+            ("instances_ok", "2"),
+        ],
+    );
+    let mut sel = plugin.worker_selector();
+    let mut req = RequestInfo::default();
+    let view = StaticPool::with_servers(3).view();
+    let p = sel.choose(&view, &mut req, &[]);
+    assert_eq!(p.source, PickSource::Fallback(Fault::Timeout), "{p:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waited = 0;
+    loop {
+        let p = sel.choose(&view, &mut req, &[]);
+        assert!(p.index.is_some(), "{p:?}");
+        match &p.source {
+            PickSource::Plugin => break,
+            PickSource::Fallback(Fault::Unavailable(m)) if m.contains("off the request path") => {
+                waited += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(sel.rebuilding());
+        assert!(Instant::now() < deadline, "never swapped in");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(waited > 0);
+    let s = sel.rebuild_stats();
+    assert_eq!((s.started, s.swapped, s.failed), (1, 1, 0), "{s:?}");
+    assert_eq!(plugin.stats().timeouts, 1);
 }
 
 // ---- descriptions ----------------------------------------------------------------------

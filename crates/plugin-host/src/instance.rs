@@ -10,19 +10,32 @@ use std::sync::atomic::Ordering;
 use wasmtime::{Store, StoreLimitsBuilder};
 
 /// Setup calls get this many times the per-request deadline (20 ms → 200 ms by default).
-const SETUP_FACTOR: u64 = 10;
+pub(super) const SETUP_FACTOR: u64 = 10;
 
-/// A store plus the instance's exports.
+/// A store plus the instance's exports. `Send`: an instance can be built on one thread and
+/// used on another (see `rebuild`).
 pub struct Instance {
     pub(super) store: Store<StoreData>,
     bindings: Balancer,
     deadline_ticks: u64,
+    /// The deadline of setup calls (`configure`, `set-servers`, `describe`).
+    setup_ticks: u64,
 }
 
 impl Instance {
     /// Instantiates `plugin` from its pre-instance and runs `configure` with its options;
     /// `deadline_ticks` bounds each `choose` (setup calls get [`SETUP_FACTOR`] times it).
     pub fn new(plugin: &Plugin, deadline_ticks: u64) -> Result<Self> {
+        Self::with_setup_ticks(plugin, deadline_ticks, deadline_ticks * SETUP_FACTOR)
+    }
+
+    /// As [`Instance::new`], with setup calls bounded by `setup_ticks` until the next
+    /// [`Instance::set_deadline_ticks`] (a build off the request path may take longer).
+    pub(super) fn with_setup_ticks(
+        plugin: &Plugin,
+        deadline_ticks: u64,
+        setup_ticks: u64,
+    ) -> Result<Self> {
         let rt = plugin.runtime.inner();
         let limits = StoreLimitsBuilder::new()
             .memory_size(rt.config.max_memory)
@@ -39,7 +52,7 @@ impl Instance {
         let mut store = Store::new(&rt.engine, data);
         store.limiter(|d| &mut d.limits);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks * SETUP_FACTOR);
+        store.set_epoch_deadline(setup_ticks);
         let bindings = plugin
             .pre
             .instantiate(&mut store)
@@ -48,6 +61,7 @@ impl Instance {
             store,
             bindings,
             deadline_ticks,
+            setup_ticks,
         };
         instance.arm_setup();
         match instance
@@ -60,9 +74,11 @@ impl Instance {
         }
     }
 
-    /// Sets the per-request deadline (the listener's, which a reload may change).
+    /// Sets the per-request deadline (the listener's, which a reload may change); setup
+    /// calls get [`SETUP_FACTOR`] times it.
     pub fn set_deadline_ticks(&mut self, ticks: u64) {
         self.deadline_ticks = ticks;
+        self.setup_ticks = ticks * SETUP_FACTOR;
     }
 
     /// The per-request deadline, for `choose`.
@@ -74,8 +90,7 @@ impl Instance {
     /// table, a WRR schedule) and run only at start-up or on a pool change, not per request;
     /// still bounded, so a plugin looping there is cut off too.
     fn arm_setup(&mut self) {
-        self.store
-            .set_epoch_deadline(self.deadline_ticks * SETUP_FACTOR);
+        self.store.set_epoch_deadline(self.setup_ticks);
     }
 
     /// The plugin's one-line description.

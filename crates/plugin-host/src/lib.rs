@@ -18,6 +18,7 @@ mod component;
 pub mod inspect;
 mod instance;
 mod load;
+mod rebuild;
 mod runtime;
 mod selector;
 mod static_pool;
@@ -27,6 +28,7 @@ mod types_text;
 
 pub use component::{Plugin, PluginSource};
 pub use load::MAX_DESCRIPTION;
+pub use rebuild::RebuildStats;
 pub use runtime::{Runtime, RuntimeConfig};
 pub use selector::{DEFAULT_BUDGET, Fault, Pick, PickSource, Selector};
 pub use static_pool::StaticPool;

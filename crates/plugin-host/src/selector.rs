@@ -17,11 +17,17 @@
 //! Every `choose` is timed (two vDSO clock reads, no system call) into a per-worker
 //! histogram; a worker whose calls over a second exceed the listener's budget more than 1%
 //! of the time (its p99 is over the budget) logs a warning.
+//!
+//! A worker's selector ([`Plugin::worker_selector`]) keeps a slow `set-servers` (over 2 ms
+//! of CPU: a big Maglev table) off the request path: after one, the next pool change builds
+//! a new instance on a builder thread while the old one goes on answering with its list,
+//! its answers translated into the current pool by server id (see `rebuild`).
 
 use super::component::Plugin;
-use super::instance::{Instance, fault_text, is_timeout};
+use super::instance::{Instance, SETUP_FACTOR, fault_text, is_timeout};
+use super::rebuild::{self, Built, Failed, GONE, Pending, RebuildStats, Shape};
 use super::stats::WorkerStats;
-use super::{PoolView, RequestInfo};
+use super::{PoolView, RequestInfo, ServerInfo};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -52,6 +58,10 @@ pub enum Fault {
     Unavailable(String),
     /// The plugin answered none while the host saw an eligible backend.
     NoneWhileEligible,
+    /// The answer came from the instance that serves while another is built for the new
+    /// pool off the request path, and its backend has left the pool or cannot take the
+    /// request now (or it had none to give). Not the plugin's fault.
+    Stale,
 }
 
 impl std::fmt::Display for Fault {
@@ -72,6 +82,9 @@ impl std::fmt::Display for Fault {
             Fault::NoneWhileEligible => {
                 f.write_str("answered none while an eligible backend was available")
             }
+            Fault::Stale => f.write_str(
+                "answered from the server list before the pool changed (the new instance is being built) with a backend that cannot take the request now",
+            ),
         }
     }
 }
@@ -118,6 +131,27 @@ pub struct Selector {
     window: SlowWindow,
     /// An instance could not be made; cleared (and logged) when one is.
     instance_failing: bool,
+    /// Rebuilds off the request path (worker selectors only).
+    rebuild: Rebuild,
+}
+
+/// The state of off-path rebuilds (see `rebuild`).
+#[derive(Default)]
+struct Rebuild {
+    /// Whether this selector builds off the request path at all.
+    enabled: bool,
+    /// A `set-servers` that changed the shape took over [`rebuild::SLOW_SETUP`] (or timed
+    /// out); cleared by a build off the request path that did not.
+    slow: bool,
+    /// The build under way.
+    pending: Option<Pending>,
+    /// The generation of the list the instance was given.
+    generation: u64,
+    /// That list's shape.
+    given: Vec<Shape>,
+    /// While the instance serves an older list: its index → the current index, or [`GONE`].
+    translate: Vec<u32>,
+    stats: RebuildStats,
 }
 
 /// Counts calls over the budget during about a second.
@@ -149,9 +183,11 @@ impl Selector {
         Ok(sel)
     }
 
-    /// A selector even when no instance can be made now (see [`Plugin::worker_selector`]).
+    /// A selector even when no instance can be made now (see [`Plugin::worker_selector`]),
+    /// which rebuilds off the request path when `set-servers` is slow.
     pub(super) fn new_or_fallback(plugin: Arc<Plugin>) -> Self {
         let mut sel = Self::empty(plugin);
+        sel.rebuild.enabled = true;
         match Instance::new(&sel.plugin, sel.deadline_ticks) {
             Ok(instance) => sel.instance = Some(instance),
             Err(e) => sel.instantiation_failed(&e),
@@ -187,7 +223,150 @@ impl Selector {
                 last_warning: None,
             },
             instance_failing: false,
+            rebuild: Rebuild {
+                generation: u64::MAX,
+                ..Rebuild::default()
+            },
         }
+    }
+
+    /// What the off-path rebuild did on this selector.
+    pub fn rebuild_stats(&self) -> RebuildStats {
+        self.rebuild.stats
+    }
+
+    /// Whether an instance is being built off the request path now.
+    pub fn rebuilding(&self) -> bool {
+        self.rebuild.pending.is_some()
+    }
+
+    /// Pushes `servers` (the list of `view`, of shape `shape` when known) to the instance on
+    /// this thread; a push that changes the shape is timed.
+    fn push_inline(
+        &mut self,
+        view: &Arc<dyn PoolView>,
+        servers: &[ServerInfo],
+        shape: Option<Vec<Shape>>,
+    ) -> Result<(), wasmtime::Error> {
+        let Some(inst) = self.instance.as_mut() else {
+            return Ok(());
+        };
+        let started = rebuild::thread_cpu_time();
+        let result = inst.set_servers(view.clone(), servers);
+        let took = rebuild::thread_cpu_time().saturating_sub(started);
+        let r = &mut self.rebuild;
+        if r.enabled {
+            let shape = shape.unwrap_or_else(|| rebuild::shape(servers));
+            if shape != r.given || r.generation == u64::MAX {
+                r.slow = took > rebuild::SLOW_SETUP || result.as_ref().is_err_and(is_timeout);
+            }
+            r.generation = view.generation();
+            r.given = shape;
+            r.translate.clear();
+        }
+        result
+    }
+
+    /// Whether pool changes go off the request path now.
+    fn off_path(&self) -> bool {
+        self.rebuild.enabled && self.rebuild.slow
+    }
+
+    /// Starts building an instance for `view` on a builder thread, unless one is under way
+    /// (when it arrives for an older list, another is started). False if no thread could be
+    /// started.
+    fn start_rebuild(&mut self, view: &Arc<dyn PoolView>, servers: Vec<ServerInfo>) -> bool {
+        if self.rebuild.pending.is_some() {
+            return true;
+        }
+        let setup = super::runtime::deadline_ticks(rebuild::BACKGROUND_SETUP)
+            .max(self.deadline_ticks * SETUP_FACTOR);
+        let started = rebuild::start(
+            self.plugin.clone(),
+            self.deadline_ticks,
+            setup,
+            view.clone(),
+            servers,
+        );
+        match started {
+            Ok(pending) => {
+                self.rebuild.pending = Some(pending);
+                self.rebuild.stats.started += 1;
+                tracing::debug!(plugin = %self.plugin.name(), generation = view.generation(), "building a plugin instance for the new pool off the request path");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %self.plugin.name(), error = %e, "cannot start a builder thread; pushing the pool on the request path");
+                false
+            }
+        }
+    }
+
+    /// Takes a finished build: swaps its instance in, or on a failure drops the instance
+    /// and returns the fault (as an inline `set-servers` failing would).
+    fn poll_rebuild(&mut self, view: &Arc<dyn PoolView>) -> Option<Fault> {
+        let outcome = self.rebuild.pending.as_ref()?.poll()?;
+        self.rebuild.pending = None;
+        match outcome {
+            Ok(built) => {
+                self.swap_in(built, view);
+                None
+            }
+            Err(failed) => Some(self.rebuild_failed(failed)),
+        }
+    }
+
+    fn swap_in(&mut self, built: Built, view: &Arc<dyn PoolView>) {
+        let Built {
+            mut instance,
+            generation,
+            shape,
+            took,
+        } = built;
+        let r = &mut self.rebuild;
+        r.slow = took > rebuild::SLOW_SETUP;
+        if self.instance.is_some() && r.generation == self.generation {
+            // The pool came back to what the instance in use has (a load-only change since
+            // is pushed to it inline): the older build is not wanted.
+            r.stats.discarded += 1;
+            return;
+        }
+        instance.set_deadline_ticks(self.deadline_ticks);
+        self.instance = Some(instance);
+        if std::mem::take(&mut self.instance_failing) {
+            tracing::info!(plugin = %self.plugin.name(), "plugin instance made on this worker; the plugin picks again");
+        }
+        let r = &mut self.rebuild;
+        r.stats.swapped += 1;
+        r.generation = generation;
+        r.given = shape;
+        r.translate.clear();
+        tracing::debug!(plugin = %self.plugin.name(), generation, took_us = took.as_micros() as u64, "plugin instance for the new pool swapped in");
+        if generation != self.generation || generation != view.generation() {
+            // Built for a list that has changed since: newer than the instance it replaces,
+            // and the pool check below starts the next build (or pushes inline if the
+            // plugin turned fast).
+            self.generation = u64::MAX;
+        }
+    }
+
+    fn rebuild_failed(&mut self, failed: Failed) -> Fault {
+        self.rebuild.stats.failed += 1;
+        tracing::warn!(
+            plugin = %self.plugin.name(),
+            error = %failed.message,
+            "building a plugin instance for the new pool off the request path failed"
+        );
+        self.instance = None;
+        let fault = if failed.timeout {
+            self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            Fault::Timeout
+        } else {
+            self.stats.traps.fetch_add(1, Ordering::Relaxed);
+            Fault::Trap(format!("building off the request path: {}", failed.message))
+        };
+        self.note_fault(&fault);
+        fault
     }
 
     /// Sets the per-call deadline (`choose`; setup calls get ten times it) and the budget
@@ -238,17 +417,37 @@ impl Selector {
         request: &mut RequestInfo,
         tried: &[usize],
     ) -> Pick {
+        if self.rebuild.pending.is_some()
+            && let Some(fault) = self.poll_rebuild(view)
+        {
+            return self.fallback(view, tried, fault);
+        }
         let fresh_list = view.generation() != self.generation;
         if fresh_list {
             let servers = view.servers();
             self.healthy = servers.iter().map(|s| s.healthy).collect();
             self.max_connections = servers.iter().map(|s| s.max_connections).collect();
             self.generation = view.generation();
-            if let Some(inst) = self.instance.as_mut()
-                && let Err(e) = inst.set_servers(view.clone(), &servers)
-            {
-                let fault = self.fault(&e, "set-servers");
-                return self.fallback(view, tried, fault);
+            if self.instance.is_some() && self.rebuild.generation != self.generation {
+                // Off the request path: a slow plugin's new shape (not load figures only).
+                let shape = self.rebuild.enabled.then(|| rebuild::shape(&servers));
+                let result = if self.off_path()
+                    && shape.as_ref().is_some_and(|s| *s != self.rebuild.given)
+                {
+                    let translate = rebuild::translation(&self.rebuild.given, &servers);
+                    if self.start_rebuild(view, servers) {
+                        self.rebuild.translate = translate;
+                        Ok(())
+                    } else {
+                        self.push_inline(view, &view.servers(), shape)
+                    }
+                } else {
+                    self.push_inline(view, &servers, shape)
+                };
+                if let Err(e) = result {
+                    let fault = self.fault(&e, "set-servers");
+                    return self.fallback(view, tried, fault);
+                }
             }
         }
         if let Some(until) = self.suspended_until {
@@ -257,18 +456,24 @@ impl Selector {
             }
             self.suspended_until = None;
         }
+        if self.instance.is_none() && self.off_path() && self.start_rebuild(view, view.servers()) {
+            // A slow plugin's new instance is made off the request path too.
+            let why = "being built off the request path".to_string();
+            return self.fallback(view, tried, Fault::Unavailable(why));
+        }
         if self.instance.is_none() {
             match Instance::new(&self.plugin, self.deadline_ticks) {
-                Ok(mut inst) => {
+                Ok(inst) => {
                     self.stats.reinstantiations.fetch_add(1, Ordering::Relaxed);
                     if std::mem::take(&mut self.instance_failing) {
                         tracing::info!(plugin = %self.plugin.name(), "plugin instance made on this worker; the plugin picks again");
                     }
-                    if let Err(e) = inst.set_servers(view.clone(), &view.servers()) {
+                    self.instance = Some(inst);
+                    self.rebuild.generation = u64::MAX;
+                    if let Err(e) = self.push_inline(view, &view.servers(), None) {
                         let fault = self.fault(&e, "set-servers");
                         return self.fallback(view, tried, fault);
                     }
-                    self.instance = Some(inst);
                 }
                 Err(e) => {
                     self.instantiation_failed(&e);
@@ -284,6 +489,51 @@ impl Selector {
         let answer = inst.choose(request);
         let ended = Instant::now();
         self.timed(ended.saturating_duration_since(started), ended);
+        // An instance still serving the list before the pool changed: its answer is an index
+        // into that list, translated by server id; what it cannot give now is not a fault.
+        let stale = self.rebuild.enabled && self.rebuild.generation != self.generation;
+        if stale {
+            self.rebuild.stats.stale_calls += 1;
+            let answer = match answer {
+                Ok(Some(index)) if (index as usize) < self.rebuild.given.len() => {
+                    match self.rebuild.translate.get(index as usize) {
+                        Some(&i) if i != GONE => Ok(Some(i)),
+                        _ => return self.fallback(view, tried, Fault::Stale),
+                    }
+                }
+                Ok(None) if self.native_pick(view, tried).is_some() => {
+                    return self.fallback(view, tried, Fault::Stale);
+                }
+                Ok(Some(index)) => {
+                    // Out of range of its own list: the plugin's bug.
+                    self.instance = None;
+                    let f = Fault::OutOfRange {
+                        index,
+                        len: self.rebuild.given.len(),
+                    };
+                    self.stats.bad_answers.fetch_add(1, Ordering::Relaxed);
+                    self.note_fault(&f);
+                    return self.fallback(view, tried, f);
+                }
+                other => other,
+            };
+            if let Ok(Some(i)) = answer
+                && !self.healthy.get(i as usize).copied().unwrap_or(false)
+            {
+                return self.fallback(view, tried, Fault::Stale);
+            }
+            return self.checked(answer, view, tried);
+        }
+        self.checked(answer, view, tried)
+    }
+
+    /// Checks the plugin's answer (an index into `view`) and makes the pick.
+    fn checked(
+        &mut self,
+        answer: Result<Option<u32>, wasmtime::Error>,
+        view: &Arc<dyn PoolView>,
+        tried: &[usize],
+    ) -> Pick {
         match answer {
             Ok(None) if self.native_pick(view, tried).is_some() => {
                 // The host sees a backend that could take it: a plugin bug (or a stale
