@@ -9,13 +9,15 @@
 //! a snapshot is built — never per request.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
 use lbwasm_plugin_host::ServerLoad;
+
+use super::in_flight::{Cell, Row, SHARDS, shard};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
@@ -46,6 +48,8 @@ pub struct Backend {
     state: Mutex<BackendState>,
     /// What the workers write on every request, a copy per worker thread ([`shard`]).
     shards: [Shard; SHARDS],
+    /// In-flight counts, per shard too, in the process's columns ([`super::in_flight`]).
+    in_flight: Row,
     /// Passive ejection: written on failures only.
     streak: Streak,
     /// The latest in-band (ORCA) figures, until the publisher takes them.
@@ -88,17 +92,10 @@ fn unpack(packed: u64) -> (Option<f32>, Option<f32>) {
     (figure((packed >> 32) as u32), figure(packed as u32))
 }
 
-/// Copies of a backend's per-request figures: more than the workers of a typical box, few
-/// enough that readers summing them stay cheap. One copy written by every worker moves its
-/// cache line between cores on every request: five atomic writes per request, measured at
-/// 0.2–0.3 µs of user time per request with two workers.
-const SHARDS: usize = 4;
-
 /// One worker's copy, on its own cache line.
 #[repr(align(64))]
 #[derive(Debug, Default)]
 struct Shard {
-    in_flight: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
     latency: PeakEwma,
@@ -112,16 +109,6 @@ struct Shard {
 struct Streak {
     failures: AtomicU32,
     eject_pending: AtomicBool,
-}
-
-/// The shard of the calling thread: threads are numbered in the order they first record,
-/// so the workers of a server get different shards.
-fn shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
 }
 
 fn new_window() -> Option<Histogram<u64>> {
@@ -217,6 +204,7 @@ impl Backend {
             max_connections: AtomicU32::new(max_connections),
             state: Mutex::new(BackendState::default()),
             shards: Default::default(),
+            in_flight: Row::take(),
             streak: Streak::default(),
             inband: Inband::default(),
         })
@@ -265,10 +253,12 @@ impl Backend {
 
     /// Requests (or connections) in flight now.
     pub fn in_flight(&self) -> u32 {
-        self.shards
-            .iter()
-            .map(|s| s.in_flight.load(Ordering::Relaxed))
-            .sum()
+        self.in_flight.cell().sum()
+    }
+
+    /// Where [`Backend::in_flight`] reads, for snapshots that read a whole pool's counts.
+    pub(super) fn in_flight_cell(&self) -> Cell {
+        self.in_flight.cell()
     }
 
     /// Completed requests.
@@ -491,9 +481,7 @@ impl InFlight {
     /// [`InFlight::start`] with the clock already read (the request's arrival).
     pub fn start_at(backend: Arc<Backend>, at: Instant) -> Self {
         let shard = shard();
-        backend.shards[shard]
-            .in_flight
-            .fetch_add(1, Ordering::Relaxed);
+        backend.in_flight.cell().increment(shard);
         InFlight {
             backend,
             shard,
@@ -575,9 +563,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.shards[self.shard]
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.cell().decrement(self.shard);
     }
 }
 

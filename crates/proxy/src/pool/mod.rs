@@ -11,8 +11,10 @@
 //! [`crate::health`]), it only records and publishes it.
 
 mod backend;
+mod in_flight;
 
 pub use backend::{Backend, BackendState, InFlight, LoadFigures};
+use in_flight::Cell;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +34,9 @@ static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1 << 56);
 pub struct Snapshot {
     generation: u64,
     backends: Vec<Arc<Backend>>,
+    /// Where each backend's in-flight count lives, in index order: reading a whole pool's
+    /// counts per pick walks these columns, not every backend's own cache lines.
+    in_flight: Vec<Cell>,
     infos: Vec<ServerInfo>,
     healthy: usize,
 }
@@ -62,6 +67,7 @@ impl Snapshot {
         let healthy = infos.iter().filter(|i| i.healthy).count();
         Snapshot {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            in_flight: backends.iter().map(|b| b.in_flight_cell()).collect(),
             backends,
             infos,
             healthy,
@@ -106,12 +112,10 @@ impl PoolView for Snapshot {
             .unwrap_or_default()
     }
     fn in_flight_column(&self, out: &mut Vec<u32>) {
-        out.extend(self.backends.iter().map(|b| b.in_flight()));
+        in_flight::column(&self.in_flight, out);
     }
     fn in_flight_prefix(&self, out: &mut [u32]) {
-        for (slot, b) in out.iter_mut().zip(&self.backends) {
-            *slot = b.in_flight();
-        }
+        in_flight::column_prefix(&self.in_flight, out);
     }
     fn latency_column(&self, out: &mut Vec<u32>) {
         out.extend(self.backends.iter().map(|b| b.latency_us()));
