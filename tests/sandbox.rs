@@ -182,7 +182,14 @@ fn a_build_off_the_request_path_that_loops_is_cut_off_and_counted() {
     let s = sel.rebuild_stats();
     assert_eq!((s.started, s.swapped, s.failed), (1, 0, 1), "{s:?}");
     assert_eq!(s.stale_calls, answered);
-    assert_eq!(plugin.stats().timeouts, 1);
+    let all = plugin.stats();
+    assert_eq!(all.timeouts, 1);
+    // The plugin's totals (what /metrics shows) count the worker's rebuilds.
+    assert_eq!(
+        (all.rebuilds_started, all.rebuilds_failed, all.stale_calls),
+        (1, 1, answered),
+        "{all:?}"
+    );
     // No instance now: the fallback serves while the next build runs.
     let p = sel.choose(&four, &mut req, &[]);
     assert!(p.index.is_some(), "{p:?}");
@@ -192,6 +199,14 @@ fn a_build_off_the_request_path_that_loops_is_cut_off_and_counted() {
     );
     assert!(sel.rebuilding());
     assert_eq!(sel.rebuild_stats().started, 2);
+    // A retired worker's counts stay in the totals.
+    drop(sel);
+    let all = plugin.stats();
+    assert_eq!(
+        (all.rebuilds_started, all.rebuilds_failed),
+        (2, 1),
+        "{all:?}"
+    );
 }
 
 /// A first `set-servers` over the setup deadline (1 s here) is not made again on the
@@ -475,6 +490,16 @@ async fn a_worker_without_an_instance_serves_with_the_fallback() {
             "{m}"
         );
         assert!(metric(&m, "lbwasm_plugin_calls_total", &web) >= 1.0, "{m}");
+        for name in [
+            "lbwasm_plugin_rebuilds_started_total",
+            "lbwasm_plugin_rebuilds_failed_total",
+            "lbwasm_plugin_stale_calls_total",
+        ] {
+            assert!(
+                m.contains(&format!("{name}{{listener=\"web\"")),
+                "{name}: {m}"
+            );
+        }
         let log = proxy.log();
         assert!(
             log.contains("cannot instantiate the plugin on this worker")

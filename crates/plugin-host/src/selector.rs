@@ -29,7 +29,7 @@ use super::rebuild::{self, Built, Failed, GONE, Pending, RebuildStats, Shape};
 use super::stats::WorkerStats;
 use super::{PoolView, RequestInfo, ServerInfo};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why the plugin's answer was not used.
@@ -151,7 +151,11 @@ struct Rebuild {
     given: Vec<Shape>,
     /// While the instance serves an older list: its index → the current index, or [`GONE`].
     translate: Vec<u32>,
-    stats: RebuildStats,
+}
+
+/// Adds one to a counter only this worker writes (no locked read-modify-write needed).
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
 /// Counts calls over the budget during about a second.
@@ -232,7 +236,14 @@ impl Selector {
 
     /// What the off-path rebuild did on this selector.
     pub fn rebuild_stats(&self) -> RebuildStats {
-        self.rebuild.stats
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RebuildStats {
+            started: g(&self.stats.rebuilds_started),
+            swapped: g(&self.stats.rebuilds_swapped),
+            discarded: g(&self.stats.rebuilds_discarded),
+            failed: g(&self.stats.rebuilds_failed),
+            stale_calls: g(&self.stats.stale_calls),
+        }
     }
 
     /// Whether an instance is being built off the request path now.
@@ -291,7 +302,7 @@ impl Selector {
         match started {
             Ok(pending) => {
                 self.rebuild.pending = Some(pending);
-                self.rebuild.stats.started += 1;
+                bump(&self.stats.rebuilds_started);
                 tracing::debug!(plugin = %self.plugin.name(), generation = view.generation(), "building a plugin instance for the new pool off the request path");
                 true
             }
@@ -328,7 +339,7 @@ impl Selector {
         if self.instance.is_some() && r.generation == self.generation {
             // The pool came back to what the instance in use has (a load-only change since
             // is pushed to it inline): the older build is not wanted.
-            r.stats.discarded += 1;
+            bump(&self.stats.rebuilds_discarded);
             return;
         }
         instance.set_deadline_ticks(self.deadline_ticks);
@@ -337,7 +348,7 @@ impl Selector {
             tracing::info!(plugin = %self.plugin.name(), "plugin instance made on this worker; the plugin picks again");
         }
         let r = &mut self.rebuild;
-        r.stats.swapped += 1;
+        bump(&self.stats.rebuilds_swapped);
         r.generation = generation;
         r.given = shape;
         r.translate.clear();
@@ -351,7 +362,7 @@ impl Selector {
     }
 
     fn rebuild_failed(&mut self, failed: Failed) -> Fault {
-        self.rebuild.stats.failed += 1;
+        bump(&self.stats.rebuilds_failed);
         tracing::warn!(
             plugin = %self.plugin.name(),
             error = %failed.message,
@@ -493,7 +504,7 @@ impl Selector {
         // into that list, translated by server id; what it cannot give now is not a fault.
         let stale = self.rebuild.enabled && self.rebuild.generation != self.generation;
         if stale {
-            self.rebuild.stats.stale_calls += 1;
+            bump(&self.stats.stale_calls);
             let answer = match answer {
                 Ok(Some(index)) if (index as usize) < self.rebuild.given.len() => {
                     match self.rebuild.translate.get(index as usize) {
@@ -708,22 +719,7 @@ impl Drop for Selector {
     fn drop(&mut self) {
         self.plugin.stats.retire(&self.stats);
         // Zero ours so the sum stays right until the registry drops the dead entry.
-        for c in [
-            &self.stats.calls,
-            &self.stats.timeouts,
-            &self.stats.traps,
-            &self.stats.bad_answers,
-            &self.stats.fallbacks,
-            &self.stats.refusals,
-            &self.stats.reinstantiations,
-            &self.stats.instantiation_failures,
-            &self.stats.choose_ns,
-        ]
-        .into_iter()
-        .chain(&self.stats.choose_buckets)
-        {
-            c.store(0, Ordering::Relaxed);
-        }
+        self.stats.zero();
     }
 }
 

@@ -37,6 +37,13 @@ pub struct WorkerStats {
     pub(super) refusals: AtomicU64,
     pub(super) reinstantiations: AtomicU64,
     pub(super) instantiation_failures: AtomicU64,
+    /// Off-path rebuilds ([`super::RebuildStats`]): started, swapped in, discarded, failed.
+    pub(super) rebuilds_started: AtomicU64,
+    pub(super) rebuilds_swapped: AtomicU64,
+    pub(super) rebuilds_discarded: AtomicU64,
+    pub(super) rebuilds_failed: AtomicU64,
+    /// `choose` calls answered by an instance whose server list was older than the pool's.
+    pub(super) stale_calls: AtomicU64,
     /// Calls to `choose` by duration, per [`CHOOSE_BUCKETS_NS`] (last: above them all).
     pub(super) choose_buckets: [AtomicU64; CHOOSE_BUCKETS_NS.len() + 1],
     /// Total time in `choose`, ns.
@@ -126,6 +133,17 @@ pub struct StatsSnapshot {
     /// Attempts to make an instance on a worker that failed (configure refused, trapped or
     /// timed out); the worker used the native fallback meanwhile.
     pub instantiation_failures: u64,
+    /// Instances built on a builder thread after a slow `set-servers`.
+    pub rebuilds_started: u64,
+    /// Of those, swapped in.
+    pub rebuilds_swapped: u64,
+    /// Of those, dropped: the pool had returned to the list in use meanwhile.
+    pub rebuilds_discarded: u64,
+    /// Of those, failed (no instance, a trap or the deadline).
+    pub rebuilds_failed: u64,
+    /// `choose` calls answered by an instance whose server list was older than the pool's
+    /// (while a rebuild was under way); their answers were translated by server id.
+    pub stale_calls: u64,
 }
 
 impl PluginStats {
@@ -165,6 +183,11 @@ impl PluginStats {
             refusals: g(&total.refusals),
             reinstantiations: g(&total.reinstantiations),
             instantiation_failures: g(&total.instantiation_failures),
+            rebuilds_started: g(&total.rebuilds_started),
+            rebuilds_swapped: g(&total.rebuilds_swapped),
+            rebuilds_discarded: g(&total.rebuilds_discarded),
+            rebuilds_failed: g(&total.rebuilds_failed),
+            stale_calls: g(&total.stale_calls),
         }
     }
 
@@ -191,22 +214,40 @@ impl PluginStats {
     }
 }
 
-fn add(into: &WorkerStats, from: &WorkerStats) {
-    let pairs = [
-        (&into.calls, &from.calls),
-        (&into.timeouts, &from.timeouts),
-        (&into.traps, &from.traps),
-        (&into.bad_answers, &from.bad_answers),
-        (&into.fallbacks, &from.fallbacks),
-        (&into.refusals, &from.refusals),
-        (&into.reinstantiations, &from.reinstantiations),
-        (&into.instantiation_failures, &from.instantiation_failures),
-        (&into.choose_ns, &from.choose_ns),
-    ];
-    for (a, b) in pairs
+impl WorkerStats {
+    /// Every counter, in one order: what [`add`] and [`WorkerStats::zero`] walk, so a new
+    /// counter is summed and retired once listed here.
+    fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
+        [
+            &self.calls,
+            &self.timeouts,
+            &self.traps,
+            &self.bad_answers,
+            &self.fallbacks,
+            &self.refusals,
+            &self.reinstantiations,
+            &self.instantiation_failures,
+            &self.rebuilds_started,
+            &self.rebuilds_swapped,
+            &self.rebuilds_discarded,
+            &self.rebuilds_failed,
+            &self.stale_calls,
+            &self.choose_ns,
+        ]
         .into_iter()
-        .chain(into.choose_buckets.iter().zip(&from.choose_buckets))
-    {
+        .chain(&self.choose_buckets)
+    }
+
+    /// Zeroes every counter (a retired worker's, once folded into the registry's).
+    pub(super) fn zero(&self) {
+        for c in self.counters() {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn add(into: &WorkerStats, from: &WorkerStats) {
+    for (a, b) in into.counters().zip(from.counters()) {
         a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }

@@ -354,7 +354,7 @@ impl Metrics {
             }
         }
         let stats: Vec<StatsSnapshot> = status.iter().map(|s| s.plugin.stats()).collect();
-        let plugin_counters: [(&str, &str, Counter); 8] = [
+        let plugin_counters: [(&str, &str, Counter); 13] = [
             (
                 "lbwasm_plugin_calls_total",
                 "Calls to the plugin's choose.",
@@ -394,6 +394,31 @@ impl Metrics {
                 "lbwasm_plugin_instantiation_failures_total",
                 "Failed attempts to make a plugin instance on a worker (it used the native fallback meanwhile).",
                 |s| s.instantiation_failures,
+            ),
+            (
+                "lbwasm_plugin_rebuilds_started_total",
+                "Plugin instances built off the request path after a slow pool update.",
+                |s| s.rebuilds_started,
+            ),
+            (
+                "lbwasm_plugin_rebuilds_swapped_total",
+                "Instances built off the request path that replaced the one in use.",
+                |s| s.rebuilds_swapped,
+            ),
+            (
+                "lbwasm_plugin_rebuilds_discarded_total",
+                "Instances built off the request path and dropped: the pool had changed back.",
+                |s| s.rebuilds_discarded,
+            ),
+            (
+                "lbwasm_plugin_rebuilds_failed_total",
+                "Instances built off the request path that failed (trap, deadline, refusal).",
+                |s| s.rebuilds_failed,
+            ),
+            (
+                "lbwasm_plugin_stale_calls_total",
+                "Picks answered from an older server list while a rebuild was under way.",
+                |s| s.stale_calls,
             ),
         ];
         for (name, help, get) in plugin_counters {
