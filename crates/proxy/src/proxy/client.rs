@@ -136,7 +136,9 @@ impl ConnPool {
         connect_timeout: Duration,
         tls: Option<&Upstream>,
     ) -> Result<Conn, ConnectError> {
-        let stream = sock::connect_stream(addr, connect_timeout, tls).await?;
+        // Boxed: a connect (TLS included) is ~1.6 KiB of future that a reused connection,
+        // the common case, would otherwise carry in every exchange's future.
+        let stream = Box::pin(sock::connect_stream(addr, connect_timeout, tls)).await?;
         Ok(Conn {
             conn: BackendConn {
                 stream: Rc::new(stream),

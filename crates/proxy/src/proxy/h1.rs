@@ -388,7 +388,9 @@ const TRAILER_FORBIDDEN: [http::HeaderName; 5] = [
 async fn linger(io: &ClientIo) {
     io.stream.shutdown_write();
     let _ = tokio::time::timeout(LINGER, async {
-        let mut sink = [0u8; 16 * 1024];
+        // On the heap: inline, these 16 KiB would be in every exchange's future, copied
+        // into its allocation on every request (`Box::pin` in `serve`).
+        let mut sink = vec![0u8; 16 * 1024];
         loop {
             if io.stream.tcp().readable().await.is_err() {
                 return;

@@ -506,9 +506,11 @@ impl ConnCtx {
             *tries = attempts.tries();
             let addr = attempt.backend().addr;
             let sent = if h2 {
-                self.attempt_h2(
+                // Boxed: HTTP/2's future is ~5 KiB, and inline it would be in every
+                // HTTP/1.1 exchange's future too (copied into its box per request).
+                Box::pin(self.attempt_h2(
                     &head, &mut body, &mut tee, trailers, &attempt, &settings, limit,
-                )
+                ))
                 .await
                 .map(|(res, slot)| Answer::H2(res, slot))
             } else {
