@@ -37,7 +37,10 @@ pub(super) fn shard() -> usize {
     SHARD.with(|s| *s)
 }
 
-/// Columns that may hold counts: a thread takes its shard before it counts anything.
+/// Columns that may hold counts: a thread takes its shard before it counts anything. A
+/// reader may see a new thread's count before its shard (relaxed): the pick then misses
+/// that thread's few requests once, which a load figure can afford; a drain cannot, and
+/// reads every shard ([`Cell::sum`]).
 #[inline]
 fn shards_in_use() -> usize {
     THREADS.load(Ordering::Relaxed).min(SHARDS)
@@ -93,10 +96,11 @@ pub(super) struct Cell {
 }
 
 impl Cell {
-    /// This row's count, summed over the shards.
+    /// This row's count, summed over every shard: what a drain waits on to reach zero, so
+    /// it never relies on [`shards_in_use`] being fresh (four loads, one backend).
     #[inline]
     pub(super) fn sum(self) -> u32 {
-        self.sum_of(shards_in_use())
+        self.sum_of(SHARDS)
     }
 
     /// The count in the first `shards` shards (see [`shards_in_use`]), for readers of many
