@@ -584,6 +584,42 @@ async fn idle_client_connections_are_closed() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_after_a_slow_answer_closes_at_the_idle_timeout() {
+    // One timer serves both timeouts of a connection: a request that outlives the idle
+    // timeout re-arms it for the request timeout (20 s here), and the connection, idle
+    // again after the answer, must still close 1 s later, not at the request's deadline.
+    bounded(async {
+        let backend = scripted_backend().await;
+        let keys = "[listener.timeouts]\nidle = \"1s\"\nrequest = \"20s\"\n";
+        let server = start("round_robin", &[(backend, 1)], "", keys);
+        let addr = server.listen_addrs()[0];
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = vec![0u8; 4096];
+        let mut got = 0;
+        while !String::from_utf8_lossy(&head[..got]).ends_with("late") {
+            let n = s.read(&mut head[got..]).await.expect("read the answer");
+            assert!(n > 0, "closed before the answer");
+            got += n;
+        }
+        let text = String::from_utf8_lossy(&head[..got]).to_string();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        // Idle now: closed within the idle timeout (a few seconds of slack), long before
+        // the 20 s the request timer was armed for.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "an idle connection stayed open past the idle timeout: {closed:?}"
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
 /// The length of `/big`'s body: more than loopback sockets buffer, so a client that reads
 /// none of it makes the proxy wait.
 const BIG: usize = 256 << 20;

@@ -3,15 +3,16 @@
 //! Pingora's and NGINX's shape rather than a general server library's: the connection's own
 //! task reads a request head, asks its [`Exchange`] for the response, writes it with
 //! its body and reads the next head; no dispatcher, no channel, no timer per request (the
-//! idle timeout is one sleep per connection, re-armed only when it fires). A request body
-//! is read off the same socket by the upload to the backend ([`ClientBody`]), full duplex.
+//! idle and request timeouts share one sleep per connection, re-armed only when it
+//! fires). A request body is read off the same socket by the upload to the backend
+//! ([`ClientBody`]), full duplex.
 //!
 //! What the bytes mean is the codec's ([`lbwasm_http`]): heads parsed strictly (request
 //! framing that could be read two ways is refused: [`parse_request`]), responses written
 //! with the proxy's own framing. Here: the socket, keep-alive, pipelining, `100 Continue`,
 //! protocol switches, the drain and the lingering close.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,7 +20,6 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
-use super::stream::Stream;
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt as _;
@@ -61,44 +61,51 @@ pub(super) trait Exchange {
     ) -> Reply;
 }
 
-/// Serves HTTP/1.1 on `stream` until the client closes, stays silent for `idle` between
+/// Serves HTTP/1.1 on `io` until the client closes, stays silent for `io.idle` between
 /// requests, or the worker drains (the exchange in progress finishes first).
 ///
-/// An idle keep-alive connection holds only its socket, two timers and this small future
-/// (NGINX's approach): the read buffer is released while no request is in progress and
-/// taken again when bytes arrive, and each exchange's state (forwarding, the response
-/// being written) lives in an allocation of its own for the exchange's life.
-pub(super) async fn serve(
+/// An idle keep-alive connection holds only its socket, one timer and this small future,
+/// laid out inside its task (NGINX's approach): the read buffer is released while no
+/// request is in progress and taken again when bytes arrive, and each exchange's state
+/// (forwarding, the response being written) lives in an allocation of its own for the
+/// exchange's life. An `async move` block, not an `async fn`, so that the arguments are
+/// not kept twice.
+// Not an `async fn`: see above.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn serve(
     ctx: Rc<impl Exchange>,
-    stream: Stream,
+    mut io: Rc<ClientIo>,
     drain: Rc<Drain>,
-    idle: Duration,
-) {
-    let mut io = Rc::new(ClientIo::new(stream, idle));
-    // Two timers for the connection's life, re-armed only when they fire early: the idle
-    // one, and the one for each exchange's request timeout (armed at its first use).
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    let request_timer = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    tokio::pin!(request_timer);
-    let mut last = tokio::time::Instant::now();
-    loop {
-        let head = match next_head(&io, &drain, timer.as_mut(), &mut last, idle).await {
-            Next::Head(h) => h,
-            Next::Closed => return,
-            Next::Reject(Reject(status, why)) => {
-                tracing::debug!(peer = %ctx.peer(), %status, %why, "refused a request");
-                Box::pin(refuse(&*ctx, &io, status, why)).await;
-                return;
+) -> impl Future<Output = ()> {
+    async move {
+        // One timer for the connection's life, re-armed only when it fires early (as
+        // NGINX's lazy timers): between requests it is the idle timeout, during an
+        // exchange the request timeout (armed at its first use, see `http::within`).
+        let timer = tokio::time::sleep(io.idle);
+        tokio::pin!(timer);
+        let mut last = tokio::time::Instant::now();
+        let (status, why) = loop {
+            let exchange = match next_head(&io, &drain, timer.as_mut(), &mut last).await {
+                Next::Head(head) => exchange(&*ctx, io, head, &drain, timer.as_mut()),
+                Next::Closed => return,
+                // Answered below, outside the loop: the future keeps no room for a head
+                // while the refusal is written.
+                Next::Reject(Reject(status, why)) => break (status, why),
+            };
+            io = match Box::pin(exchange).await {
+                Some(io) => io,
+                None => return,
+            };
+            last = tokio::time::Instant::now();
+            // A request timeout armed beyond the idle one must not keep an idle
+            // connection open longer than `idle`.
+            if timer.deadline() > last + io.idle {
+                timer.as_mut().reset(last + io.idle);
             }
+            io.release_if_idle();
         };
-        let exchange = exchange(&*ctx, io, head, &drain, request_timer.as_mut(), idle);
-        io = match Box::pin(exchange).await {
-            Some(io) => io,
-            None => return,
-        };
-        last = tokio::time::Instant::now();
-        io.release_if_idle();
+        tracing::debug!(peer = %ctx.peer(), %status, %why, "refused a request");
+        Box::pin(refuse(&*ctx, &io, status, why)).await;
     }
 }
 
@@ -117,8 +124,7 @@ async fn exchange(
     io: Rc<ClientIo>,
     head: ParsedRequest,
     drain: &Drain,
-    request_timer: Pin<&mut tokio::time::Sleep>,
-    idle: Duration,
+    timer: Pin<&mut tokio::time::Sleep>,
 ) -> Option<Rc<ClientIo>> {
     let ParsedRequest {
         req,
@@ -133,7 +139,7 @@ async fn exchange(
     io.body_done.set(body.is_none());
     let body =
         body.map(|framing| ReqBody::H1(ClientBody::new(io.clone(), framing, expect_continue)));
-    let mut res = ctx.exchange(req, body, Some(request_timer)).await;
+    let mut res = ctx.exchange(req, body, Some(timer)).await;
     io.responded.set(true);
     let mut out = Vec::with_capacity(READ_CHUNK);
     if let Some((conn, in_flight)) = res.body.take_switch() {
@@ -147,7 +153,7 @@ async fn exchange(
         let _in_flight = in_flight; // counted for the tunnel's life
         let early = io.buf.borrow_mut().split().freeze();
         let io = Rc::try_unwrap(io).ok()?;
-        if let Err(error) = tunnel::switched(io.stream, early, conn, idle).await {
+        if let Err(error) = tunnel::switched(io.stream, early, conn, io.idle).await {
             tracing::debug!(peer = %ctx.peer(), %error, "upgraded connection ended with an error");
         }
         return None;
@@ -179,82 +185,86 @@ enum Next {
 }
 
 /// Reads the next request head. Between requests, gives up at the idle timeout or when the
-/// worker drains; a head begun must be complete within the idle timeout (408).
-async fn next_head(
-    io: &ClientIo,
-    drain: &Drain,
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    last: &mut tokio::time::Instant,
-    idle: Duration,
-) -> Next {
-    loop {
-        let between = {
+/// worker drains; a head begun must be complete within the idle timeout (408). Its future
+/// is part of every idle connection's: an `async move` block keeps each argument once.
+// Not an `async fn`: see above.
+#[allow(clippy::manual_async_fn)]
+fn next_head<'a>(
+    io: &'a ClientIo,
+    drain: &'a Drain,
+    mut timer: Pin<&'a mut tokio::time::Sleep>,
+    last: &'a mut tokio::time::Instant,
+) -> impl Future<Output = Next> + 'a {
+    async move {
+        loop {
+            let between = {
+                let mut buf = io.buf.borrow_mut();
+                if !buf.is_empty() {
+                    match parse_request(&mut buf) {
+                        // Broken chunked framing in what came with the head is refused before
+                        // anything goes to a backend (and so can never count against one).
+                        Ok(Some(head)) if head.body == Some(BodyFraming::Chunked) => {
+                            return match ChunkDecoder::default().check(&buf) {
+                                Ok(()) => Next::Head(head),
+                                Err(why) => Next::Reject(reject(
+                                    StatusCode::BAD_REQUEST,
+                                    format!("invalid chunked request body: {why}"),
+                                )),
+                            };
+                        }
+                        Ok(Some(head)) => return Next::Head(head),
+                        Ok(None) if buf.len() >= MAX_HEAD => {
+                            return Next::Reject(reject(
+                                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                format!("request head larger than {} KiB", MAX_HEAD / 1024),
+                            ));
+                        }
+                        Ok(None) => {}
+                        Err(r) => return Next::Reject(r),
+                    }
+                }
+                buf.is_empty()
+            };
+            if between && drain.is_draining() {
+                return Next::Closed;
+            }
+            tokio::select! {
+                biased;
+                ready = io.stream.readable() => {
+                    if ready.is_err() {
+                        return Next::Closed;
+                    }
+                }
+                () = drain.started(), if between => return Next::Closed,
+                () = &mut timer => {
+                    let due = *last + io.idle;
+                    if due <= tokio::time::Instant::now() {
+                        if !between {
+                            return Next::Reject(reject(
+                                StatusCode::REQUEST_TIMEOUT,
+                                format!("request head not complete within {:?}", io.idle),
+                            ));
+                        }
+                        return Next::Closed;
+                    }
+                    timer.as_mut().reset(due);
+                    continue;
+                }
+            }
+            // The buffer is taken only now that there is something to read.
             let mut buf = io.buf.borrow_mut();
-            if !buf.is_empty() {
-                match parse_request(&mut buf) {
-                    // Broken chunked framing in what came with the head is refused before
-                    // anything goes to a backend (and so can never count against one).
-                    Ok(Some(head)) if head.body == Some(BodyFraming::Chunked) => {
-                        return match ChunkDecoder::default().check(&buf) {
-                            Ok(()) => Next::Head(head),
-                            Err(why) => Next::Reject(reject(
-                                StatusCode::BAD_REQUEST,
-                                format!("invalid chunked request body: {why}"),
-                            )),
-                        };
-                    }
-                    Ok(Some(head)) => return Next::Head(head),
-                    Ok(None) if buf.len() >= MAX_HEAD => {
-                        return Next::Reject(reject(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            format!("request head larger than {} KiB", MAX_HEAD / 1024),
-                        ));
-                    }
-                    Ok(None) => {}
-                    Err(r) => return Next::Reject(r),
-                }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_CHUNK);
             }
-            buf.is_empty()
-        };
-        if between && drain.is_draining() {
-            return Next::Closed;
-        }
-        tokio::select! {
-            biased;
-            ready = io.stream.readable() => {
-                if ready.is_err() {
-                    return Next::Closed;
-                }
+            match io.stream.read_buf(&mut buf) {
+                Ok(0) => return Next::Closed,
+                // A head has the idle timeout to arrive whole, from its first byte: a client
+                // trickling one byte at a time cannot hold the connection forever.
+                Ok(_) if between => *last = tokio::time::Instant::now(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Next::Closed,
             }
-            () = drain.started(), if between => return Next::Closed,
-            () = &mut timer => {
-                let due = *last + idle;
-                if due <= tokio::time::Instant::now() {
-                    if !between {
-                        return Next::Reject(reject(
-                            StatusCode::REQUEST_TIMEOUT,
-                            format!("request head not complete within {idle:?}"),
-                        ));
-                    }
-                    return Next::Closed;
-                }
-                timer.as_mut().reset(due);
-                continue;
-            }
-        }
-        // The buffer is taken only now that there is something to read.
-        let mut buf = io.buf.borrow_mut();
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_CHUNK);
-        }
-        match io.stream.read_buf(&mut buf) {
-            Ok(0) => return Next::Closed,
-            // A head has the idle timeout to arrive whole, from its first byte: a client
-            // trickling one byte at a time cannot hold the connection forever.
-            Ok(_) if between => *last = tokio::time::Instant::now(),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Next::Closed,
         }
     }
 }

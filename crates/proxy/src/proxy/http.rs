@@ -27,9 +27,9 @@ use tokio::time::Sleep;
 use super::Settings;
 use super::access_log::Pending;
 use super::activity::Activity;
-use super::body::ReqBody;
+use super::body::{ClientIo, ReqBody};
 use super::client::{BackendBody, BackendConn, SendError, SendErrorKind};
-use super::drain::Drain;
+use super::drain::{Drain, Live};
 use super::failover::{Attempt, AttemptError, Attempts, Exhausted, Retry};
 use super::grpc::{self, GrpcCall};
 use super::h1::{self, Exchange};
@@ -52,40 +52,73 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// worker drains (then in-flight requests finish and the connection closes gracefully).
 /// HTTP/1.1 is the proxy's own server ([`super::h1`]); HTTP/2 is hyper's: by prior
 /// knowledge in cleartext, by ALPN over TLS.
-pub(super) async fn serve(
+pub(super) fn serve(
     local: Rc<LocalListener>,
     stream: TcpStream,
     peer: SocketAddr,
     drain: Rc<Drain>,
-) {
-    let idle = local.state().1.timeouts.idle;
-    // Boxed, as both protocols' states below: the task's own future stays a few words.
-    let detect = async {
-        tokio::select! {
-            // None: closed first, silent for the idle timeout, or a failed handshake.
-            detected = open(&local, stream, peer, idle) => detected,
-            () = drain.started() => None,
+    live: Live,
+) -> impl Future<Output = ()> {
+    // The handshake and protocol detection, boxed: they hold more than an idle connection
+    // needs and are over before it is idle. Boxed here, so that what they consume (the
+    // socket, the peer's address) is not also kept in the task's future.
+    let opening = Box::pin(opening(local.clone(), stream, peer, drain.clone()));
+    // The task's future is an `async move` block rather than an `async fn`, which keeps
+    // its arguments twice (as captured and as locals) for the connection's life: an idle
+    // connection is sized by this future (issue 17).
+    async move {
+        let Some(Opened {
+            stream,
+            peer,
+            h2,
+            idle,
+        }) = opening.await
+        else {
+            return; // closed, silent, or the worker drains
+        };
+        let (ctx, stream) = ConnCtx::new(local.clone(), peer, stream);
+        // HTTP/1.1's state lives in the task itself (one allocation per connection);
+        // HTTP/2's, larger, in an allocation of its own, so that an idle HTTP/1.1
+        // connection carries no room for it.
+        if h2 {
+            Box::pin(serve_h2(local, Rc::new(ctx), stream, peer, drain, idle)).await;
+        } else {
+            let io = Rc::new(ClientIo::new(stream, idle));
+            h1::serve(Rc::new(ctx), io, drain).await;
         }
-    };
-    let Some((stream, h2)) = Box::pin(detect).await else {
-        return; // closed, silent, or the worker drains
-    };
-    let mut client = headers::client_value(peer.ip());
-    client.https = stream.is_tls();
-    let tls = stream.tls_info();
-    let ctx = Rc::new(ConnCtx {
-        tls,
-        local: local.clone(),
-        peer,
-        client,
-    });
-    // Each protocol's state in its own allocation, sized for that protocol: an idle
-    // HTTP/1.1 connection carries no room for an HTTP/2 one.
-    if h2 {
-        Box::pin(serve_h2(local, ctx, stream, peer, drain, idle)).await;
-    } else {
-        Box::pin(h1::serve(ctx, stream, drain, idle)).await;
+        drop(live);
     }
+}
+
+/// A client connection handshaken and its protocol known.
+struct Opened {
+    stream: Stream,
+    peer: SocketAddr,
+    /// It speaks HTTP/2 (prior knowledge, or ALPN over TLS).
+    h2: bool,
+    /// The listener's idle timeout when the connection opened.
+    idle: Duration,
+}
+
+/// Handshakes and detects the protocol. None: closed first, silent for the idle timeout,
+/// a failed handshake, or the worker drains.
+async fn opening(
+    local: Rc<LocalListener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: Rc<Drain>,
+) -> Option<Opened> {
+    let idle = local.state().1.timeouts.idle;
+    let (stream, h2) = tokio::select! {
+        detected = open(&local, stream, peer, idle) => detected?,
+        () = drain.started() => return None,
+    };
+    Some(Opened {
+        stream,
+        peer,
+        h2,
+        idle,
+    })
 }
 
 /// The connection's stream (handshaken, on a TLS listener) and whether it speaks HTTP/2.
@@ -446,6 +479,21 @@ impl Exchange for ConnCtx {
 }
 
 impl ConnCtx {
+    /// The context of a connection from `peer` on `stream` (handshaken), and the stream
+    /// back: a borrow of the stream inside the connection's future would keep a second
+    /// copy of it there for the connection's life.
+    fn new(local: Rc<LocalListener>, peer: SocketAddr, stream: Stream) -> (Self, Stream) {
+        let mut client = headers::client_value(peer.ip());
+        client.https = stream.is_tls();
+        let ctx = ConnCtx {
+            tls: stream.tls_info(),
+            local,
+            peer,
+            client,
+        };
+        (ctx, stream)
+    }
+
     /// Forwards with failover; returns the response, the backend that answered or failed
     /// last, and when the response head arrived (none for the proxy's own answers).
     async fn forward(

@@ -259,10 +259,9 @@ async fn accept_loop(routes: Rc<[Rc<LocalListener>]>, listener: TcpListener, dra
                 let live = drain.enter();
                 let (l, d) = (local.clone(), drain.clone());
                 match local.shared.protocol {
-                    Protocol::Http => tokio::task::spawn_local(async move {
-                        http::serve(l, stream, peer, d).await;
-                        drop(live);
-                    }),
+                    Protocol::Http => {
+                        tokio::task::spawn_local(http::serve(l, stream, peer, d, live))
+                    }
                     Protocol::Tcp if routed => {
                         let routes = routes.clone();
                         tokio::task::spawn_local(async move {
