@@ -51,8 +51,9 @@ pub(super) trait Exchange {
     fn peer(&self) -> SocketAddr;
     /// The answer to a request refused before its head was whole (400, 408, 431…).
     fn refusal(&self, status: StatusCode, cause: String) -> Reply;
-    /// The response to `head` with `body`. `timer`: the connection's request timer (one
-    /// request at a time here), re-armed rather than a timer registered per request.
+    /// The response to `head` with `body`. `timer`: the connection's one timer (its idle
+    /// timeout between requests), re-armed for the request timeout rather than a timer
+    /// registered per request.
     async fn exchange(
         &self,
         head: ReqHead,

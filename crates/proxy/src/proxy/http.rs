@@ -372,7 +372,7 @@ async fn within<F: Future>(
     };
     let due = tokio::time::Instant::now() + limit;
     if timer.deadline() > due {
-        timer.as_mut().reset(due); // first use, or a shorter limit since a reload
+        timer.as_mut().reset(due); // set for later: the idle timeout, or a longer limit
     }
     tokio::pin!(fut);
     loop {
@@ -433,7 +433,7 @@ impl Exchange for ConnCtx {
     /// response ends). `upgrade`: the client asks to
     /// switch protocols (HTTP/1.1 only); a `101` answer then carries the backend
     /// connection in its body ([`ResBody::take_switch`]). `timer`: the connection's own
-    /// request timer, when it carries one request at a time (see [`within`]).
+    /// timer, when it carries one request at a time (see [`within`]).
     async fn exchange(
         &self,
         head: ReqHead,
