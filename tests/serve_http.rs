@@ -620,6 +620,39 @@ async fn a_connection_idle_after_a_slow_answer_closes_at_the_idle_timeout() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_timeout_longer_than_the_idle_one_is_kept_whole() {
+    // The connection's one timer is set for the idle timeout (1 s) when the request
+    // starts: the request must still get its full 2 s before the 504, not be cut at the
+    // idle deadline, and not wait for the backend's late answer (5 s).
+    bounded(async {
+        let backend = scripted_backend().await;
+        let keys = "[listener.timeouts]\nidle = \"1s\"\nrequest = \"2s\"\n";
+        let server = start("round_robin", &[(backend, 1)], "", keys);
+        let addr = server.listen_addrs()[0];
+        let c = client();
+        let started = std::time::Instant::now();
+        let r = get(&c, addr, "/slow").await;
+        let took = started.elapsed();
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+        assert!(
+            r.text().contains("did not answer within 2s"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            took >= Duration::from_secs(2),
+            "cut off early, after {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "waited for the late answer: {took:?}"
+        );
+        server.shutdown(Duration::from_secs(5)).await;
+    })
+    .await;
+}
+
 /// The length of `/big`'s body: more than loopback sockets buffer, so a client that reads
 /// none of it makes the proxy wait.
 const BIG: usize = 256 << 20;
