@@ -25,6 +25,13 @@ the allocator keeps from the burst is in the baseline, not in the figure.
     python3 bench/idle_conns.py --pooled [-n 2000] [--backends K] [--delay-ms 1500]
                                 [--peak-first]
 
+With --in-flight it measures requests *in flight* instead: the same held-back backends
+(8 s by default), N requests at once, and once the balancer holds N backend connections
+(every request forwarded and waiting for its answer) its RSS growth divided by N: what a
+waiting request costs (long polls, slow backends). Then all are answered and closed.
+
+    python3 bench/idle_conns.py --in-flight [-n 2000] [--delay-ms 8000]
+
 Large N (issue 17 asks for 50,000): the script raises its open-files limit to 2N + 1000,
 the hard limit too when it may (root with CAP_SYS_RESOURCE, up to fs.nr_open; the
 balancers inherit it: lbwasm raises its soft limit to the hard one, NGINX gets
@@ -275,6 +282,48 @@ def measure_pooled(name, pids_of, port, n, settle, ports, peak_first):
     return per
 
 
+def measure_in_flight(name, pids_of, port, n, ports, delay):
+    """RSS growth per request in flight: N requests sent at once, measured while the
+    backends hold every answer back (all N forwarded: N backend connections held), then
+    all answers read."""
+    wait_port(port)
+    for s in open_idle(port, 50):  # warm-up, as the other modes
+        s.close()
+    time.sleep(2)
+    pids = pids_of()
+    before = total_rss_kib(pids)
+    t0 = time.time()
+    sel = selectors.DefaultSelector()
+    socks = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+        socks.append(s)
+    # Every request forwarded: the balancer holds a backend connection for each (the
+    # warm-up's pooled ones are reused, the rest are new).
+    deadline = t0 + delay / 1000 * 0.6
+    waiting = 0
+    while time.time() < deadline:
+        waiting = backend_conns(pids_of(), ports)
+        if waiting >= n:
+            break
+        time.sleep(0.1)
+    took = time.time() - t0
+    during = total_rss_kib(pids_of())
+    if waiting < n or took > delay / 1000 * 0.6:
+        raise RuntimeError(f"{name}: only {waiting} of {n} requests forwarded after"
+                           f" {took:.1f}s (raise --delay-ms)")
+    pump(sel, b"", block=True)
+    for s in socks:
+        s.close()
+    per = (during - before) / n
+    print(f"{name:8} {n:6d} {took:5.1f} {waiting:7d} {before / 1024:11.1f}"
+          f" {during / 1024:11.1f} {per:9.2f}", flush=True)
+    return per
+
+
 def main():
     global PER_SOURCE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -292,8 +341,11 @@ def main():
                     help="--pooled: run the N requests once first and wait (~35 s) for the"
                          " pools to empty, so the allocator's leftovers of that peak are in"
                          " the baseline")
-    ap.add_argument("--delay-ms", type=int, default=1500,
-                    help="--pooled: how long the backends hold each answer (default 1500)")
+    ap.add_argument("--in-flight", action="store_true",
+                    help="measure requests in flight (held by the backends) instead")
+    ap.add_argument("--delay-ms", type=int, default=0,
+                    help="--pooled, --in-flight: how long the backends hold each answer"
+                         " (default 1500, --in-flight 8000)")
     ap.add_argument("--per-source", type=int, default=PER_SOURCE,
                     help="client connections per source address 127.0.0.X when N is larger"
                          f" (default {PER_SOURCE})")
@@ -302,6 +354,8 @@ def main():
                          " that /healthz and /metrics answer while the N are held")
     args = ap.parse_args()
     PER_SOURCE = args.per_source
+    args.delay_ms = args.delay_ms or (8000 if args.in_flight else 1500)
+    args.pooled = args.pooled or args.in_flight  # the same backends and balancers
     if args.pooled:
         args.settle = min(args.settle, 20.0)  # lbwasm closes pooled ones idle for 30 s
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -375,14 +429,26 @@ uwsgi_temp_path {work}; scgi_temp_path {work};
                    "--latency-ms", str(args.delay_ms), "--log-level", "warn"])
             for p in sorted(ports):
                 wait_port(p)
-            print("# KiB/conn = (rss_after - rss_before) / (pooled_after - pooled_before),"
-                  " pooled = established connections the balancer holds to the backends")
-            print("balancer  reqs  secs p_bef p_aft   held rss_bef_MiB rss_aft_MiB  KiB/conn")
+            if args.in_flight:
+                print("# KiB/req = (rss_during - rss_before) / requests in flight, measured once"
+                      " the balancer holds a backend connection for each")
+                print("balancer  reqs  secs waiting rss_bef_MiB rss_dur_MiB   KiB/req")
+            else:
+                print("# KiB/conn = (rss_after - rss_before) / (pooled_after - pooled_before),"
+                      " pooled = established connections the balancer holds to the backends")
+                print("balancer  reqs  secs p_bef p_aft   held rss_bef_MiB rss_aft_MiB  KiB/conn")
+
+            def run(name, pids_of):
+                if args.in_flight:
+                    measure_in_flight(name, pids_of, LB_PORT, args.n, ports, args.delay_ms)
+                else:
+                    measure_pooled(name, pids_of, LB_PORT, args.n, args.settle, ports,
+                                   args.peak_first)
+
             lb = start([args.lbwasm, "serve", "--listen", f"127.0.0.1:{LB_PORT}",
                         "--backends", ",".join(addrs), "--plugin", "round_robin",
                         "--workers", "1", "--no-load-poll", "--log-level", "warn"])
-            measure_pooled("lbwasm", lambda: [lb.pid], LB_PORT, args.n, args.settle, ports,
-                           args.peak_first)
+            run("lbwasm", lambda: [lb.pid])
             stop(lb)
             if nginx:
                 servers = " ".join(f"server {a};" for a in addrs)
@@ -392,8 +458,7 @@ uwsgi_temp_path {work}; scgi_temp_path {work};
                                         f" proxy_pass http://b; proxy_http_version 1.1;"
                                         f' proxy_set_header Connection ""; }} }}')
                 ngx = start([nginx, "-c", conf, "-e", f"{work}/lb.err"])
-                measure_pooled("nginx", lambda: children(ngx.pid), LB_PORT, args.n,
-                               args.settle, ports, args.peak_first)
+                run("nginx", lambda: children(ngx.pid))
             else:
                 print("nginx    (not installed: apt-get install nginx)")
             return 0

@@ -12,6 +12,7 @@
 //! with the proxy's own framing. Here: the socket, keep-alive, pipelining, `100 Continue`,
 //! protocol switches, the drain and the lingering close.
 
+use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt as _;
@@ -34,6 +36,7 @@ use super::date;
 use super::drain::Drain;
 use super::response::Reply;
 use super::sock::write_all;
+use super::stream::Stream;
 use super::tunnel;
 
 /// Read buffer growth step.
@@ -254,10 +257,15 @@ fn next_head<'a>(
             }
             // The buffer is taken only now that there is something to read.
             let mut buf = io.buf.borrow_mut();
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_CHUNK);
-            }
-            match io.stream.read_buf(&mut buf) {
+            let read = if buf.is_empty() {
+                read_fresh(&io.stream, &mut buf)
+            } else {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK);
+                }
+                io.stream.read_buf(&mut buf)
+            };
+            match read {
                 Ok(0) => return Next::Closed,
                 // A head has the idle timeout to arrive whole, from its first byte: a client
                 // trickling one byte at a time cannot hold the connection forever.
@@ -268,6 +276,31 @@ fn next_head<'a>(
             }
         }
     }
+}
+
+/// Reads the start of a request (nothing buffered) into the worker's scratch buffer and
+/// gives the connection only what came: a request waiting on its backend then holds its
+/// head's few hundred bytes instead of an 8 KiB read buffer (which the head, split off it,
+/// kept alive), and the usual request allocates no 8 KiB buffer at all. A read of half a
+/// buffer or more (a body came with the head) keeps the scratch buffer itself instead of
+/// copying it; the worker takes a new one.
+fn read_fresh(stream: &Stream, buf: &mut BytesMut) -> io::Result<usize> {
+    thread_local! {
+        static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(READ_CHUNK));
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        // Never shared (only copied from or handed over whole), so this keeps its room.
+        scratch.clear();
+        let read = stream.read_buf(scratch);
+        match read {
+            Ok(n) if n >= READ_CHUNK / 2 => {
+                *buf = std::mem::replace(scratch, BytesMut::with_capacity(READ_CHUNK));
+            }
+            Ok(n) if n > 0 => buf.extend_from_slice(&scratch[..n]),
+            _ => {}
+        }
+        read
+    })
 }
 
 /// Writes `res` (head, then its body as it comes) for a request of `version`. `close`: the
