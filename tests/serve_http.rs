@@ -520,6 +520,23 @@ async fn client_requests_are_framed_strictly_pipelined_and_continued() {
         assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
         let body = rest.split_once("\r\n\r\n").expect("head").1;
         assert_eq!(dechunk(body).as_deref(), Some("hello"), "{rest}");
+
+        // A body that comes in the same read as its head, more than half of the worker's
+        // scratch buffer (handed to the connection whole) or a little of it (copied),
+        // with a request pipelined behind: each byte goes where it belongs.
+        for len in [6000usize, 100] {
+            let body: String = (0..len).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            let mut raw =
+                format!("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n{body}")
+                    .into_bytes();
+            raw.extend_from_slice(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+            let reply = exchange(addr, &raw).await;
+            let answers: Vec<&str> = reply.split("HTTP/1.1 200 OK\r\n").skip(1).collect();
+            assert_eq!(answers.len(), 2, "{len}: {reply}");
+            let echoed = answers[0].split_once("\r\n\r\n").expect("head").1;
+            assert_eq!(dechunk(echoed).as_deref(), Some(body.as_str()), "{len}");
+            assert!(answers[1].ends_with("\r\n\r\nonce"), "{len}: {reply}");
+        }
         server.shutdown(Duration::from_secs(5)).await;
     })
     .await;
