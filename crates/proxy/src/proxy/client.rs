@@ -485,14 +485,21 @@ impl BackendConn {
                     Err(why) => return Err((SendErrorKind::Invalid(why), read)),
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
             self.stream
                 .readable()
                 .await
                 .map_err(|e| (SendErrorKind::Io(e), read))?;
-            match self.stream.read_buf(&mut self.buf) {
+            // The buffer is taken only now that there is something to read: a request
+            // waiting on its backend holds none.
+            let got = if self.buf.is_empty() {
+                self.stream.read_fresh(&mut self.buf)
+            } else {
+                if self.buf.capacity() - self.buf.len() < 1024 {
+                    self.buf.reserve(READ_CHUNK);
+                }
+                self.stream.read_buf(&mut self.buf)
+            };
+            match got {
                 Ok(0) => return Err((SendErrorKind::Closed, read)),
                 Ok(n) => read += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -12,7 +12,6 @@
 //! with the proxy's own framing. Here: the socket, keep-alive, pipelining, `100 Continue`,
 //! protocol switches, the drain and the lingering close.
 
-use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
@@ -21,7 +20,6 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt as _;
@@ -36,7 +34,6 @@ use super::date;
 use super::drain::Drain;
 use super::response::Reply;
 use super::sock::write_all;
-use super::stream::Stream;
 use super::tunnel;
 
 /// Read buffer growth step.
@@ -56,13 +53,14 @@ pub(super) trait Exchange {
     fn refusal(&self, status: StatusCode, cause: String) -> Reply;
     /// The response to `head` with `body`. `timer`: the connection's one timer (its idle
     /// timeout between requests), re-armed for the request timeout rather than a timer
-    /// registered per request.
-    async fn exchange(
-        &self,
+    /// registered per request. Not an `async fn`, so that an implementation may be an
+    /// `async move` block, which keeps `head` and `body` once (see [`serve`]).
+    fn exchange<'a>(
+        &'a self,
         head: ReqHead,
         body: Option<ReqBody>,
-        timer: Option<Pin<&mut Sleep>>,
-    ) -> Reply;
+        timer: Option<Pin<&'a mut Sleep>>,
+    ) -> impl Future<Output = Reply> + 'a;
 }
 
 /// Serves HTTP/1.1 on `io` until the client closes, stays silent for `io.idle` between
@@ -122,59 +120,62 @@ async fn refuse(ctx: &impl Exchange, io: &ClientIo, status: StatusCode, why: Str
 }
 
 /// One request: forwarded, answered, and (for a protocol switch) tunnelled. Returns the
-/// connection when it can carry the next request.
-async fn exchange(
-    ctx: &impl Exchange,
+/// connection when it can carry the next request. Its future is each request's own
+/// allocation, built on the stack and copied there: an `async move` block keeps the head
+/// once, where an `async fn` would keep it twice (see [`serve`]).
+// Not an `async fn`: see above.
+#[allow(clippy::manual_async_fn)]
+fn exchange<'a>(
+    ctx: &'a impl Exchange,
     io: Rc<ClientIo>,
     head: ParsedRequest,
-    drain: &Drain,
-    timer: Pin<&mut tokio::time::Sleep>,
-) -> Option<Rc<ClientIo>> {
-    let ParsedRequest {
-        req,
-        body,
-        keep_alive,
-        expect_continue,
-    } = head;
-    let head_only = req.method == Method::HEAD;
-    let version = req.version;
-    let trailers = req.trailers;
-    io.responded.set(false);
-    io.body_done.set(body.is_none());
-    let body =
-        body.map(|framing| ReqBody::H1(ClientBody::new(io.clone(), framing, expect_continue)));
-    let mut res = ctx.exchange(req, body, Some(timer)).await;
-    io.responded.set(true);
-    let mut out = Vec::with_capacity(READ_CHUNK);
-    if let Some((conn, in_flight)) = res.body.take_switch() {
-        // 101: the head goes out as the backend sent it, then bytes both ways.
-        if write_response(&io, &mut out, res, true, version, false, false)
-            .await
-            .is_err()
-        {
+    drain: &'a Drain,
+    timer: Pin<&'a mut tokio::time::Sleep>,
+) -> impl Future<Output = Option<Rc<ClientIo>>> + 'a {
+    async move {
+        // Fields moved out of `head` one by one: destructuring it would lay them out again.
+        let head_only = head.req.method == Method::HEAD;
+        let version = head.req.version;
+        let trailers = head.req.trailers;
+        let keep_alive = head.keep_alive;
+        io.responded.set(false);
+        io.body_done.set(head.body.is_none());
+        let body = head
+            .body
+            .map(|framing| ReqBody::H1(ClientBody::new(io.clone(), framing, head.expect_continue)));
+        let mut res = ctx.exchange(head.req, body, Some(timer)).await;
+        io.responded.set(true);
+        let mut out = Vec::with_capacity(READ_CHUNK);
+        if let Some((conn, in_flight)) = res.body.take_switch() {
+            // 101: the head goes out as the backend sent it, then bytes both ways.
+            if write_response(&io, &mut out, res, true, version, false, false)
+                .await
+                .is_err()
+            {
+                return None;
+            }
+            let _in_flight = in_flight; // counted for the tunnel's life
+            let early = io.buf.borrow_mut().split().freeze();
+            let io = Rc::try_unwrap(io).ok()?;
+            if let Err(error) = tunnel::switched(io.stream, early, conn, io.idle).await {
+                tracing::debug!(peer = %ctx.peer(), %error, "upgraded connection ended with an error");
+            }
             return None;
         }
-        let _in_flight = in_flight; // counted for the tunnel's life
-        let early = io.buf.borrow_mut().split().freeze();
-        let io = Rc::try_unwrap(io).ok()?;
-        if let Err(error) = tunnel::switched(io.stream, early, conn, io.idle).await {
-            tracing::debug!(peer = %ctx.peer(), %error, "upgraded connection ended with an error");
+        let close = !keep_alive || drain.is_draining();
+        let clean = write_response(&io, &mut out, res, head_only, version, close, trailers).await;
+        match clean {
+            Ok(true) if !close && io.body_done.get() => Some(io),
+            Ok(_) if !io.body_done.get() || !io.buf.borrow().is_empty() => {
+                // Request bytes left unread (a body, or requests pipelined after the last
+                // one, which may go on in the kernel's buffer): closing now would answer
+                // them with a reset that can destroy the response unread. NGINX lingers
+                // in the same cases.
+                linger(&io).await;
+                None
+            }
+            _ => None,
         }
-        return None;
-    }
-    let close = !keep_alive || drain.is_draining();
-    let clean = write_response(&io, &mut out, res, head_only, version, close, trailers).await;
-    match clean {
-        Ok(true) if !close && io.body_done.get() => Some(io),
-        Ok(_) if !io.body_done.get() || !io.buf.borrow().is_empty() => {
-            // Request bytes left unread (a body, or requests pipelined after the last
-            // one, which may go on in the kernel's buffer): closing now would answer
-            // them with a reset that can destroy the response unread. NGINX lingers
-            // in the same cases.
-            linger(&io).await;
-            None
-        }
-        _ => None,
     }
 }
 
@@ -258,7 +259,7 @@ fn next_head<'a>(
             // The buffer is taken only now that there is something to read.
             let mut buf = io.buf.borrow_mut();
             let read = if buf.is_empty() {
-                read_fresh(&io.stream, &mut buf)
+                io.stream.read_fresh(&mut buf)
             } else {
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(READ_CHUNK);
@@ -276,31 +277,6 @@ fn next_head<'a>(
             }
         }
     }
-}
-
-/// Reads the start of a request (nothing buffered) into the worker's scratch buffer and
-/// gives the connection only what came: a request waiting on its backend then holds its
-/// head's few hundred bytes instead of an 8 KiB read buffer (which the head, split off it,
-/// kept alive), and the usual request allocates no 8 KiB buffer at all. A read of half a
-/// buffer or more (a body came with the head) keeps the scratch buffer itself instead of
-/// copying it; the worker takes a new one.
-fn read_fresh(stream: &Stream, buf: &mut BytesMut) -> io::Result<usize> {
-    thread_local! {
-        static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(READ_CHUNK));
-    }
-    SCRATCH.with_borrow_mut(|scratch| {
-        // Never shared (only copied from or handed over whole), so this keeps its room.
-        scratch.clear();
-        let read = stream.read_buf(scratch);
-        match read {
-            Ok(n) if n >= READ_CHUNK / 2 => {
-                *buf = std::mem::replace(scratch, BytesMut::with_capacity(READ_CHUNK));
-            }
-            Ok(n) if n > 0 => buf.extend_from_slice(&scratch[..n]),
-            _ => {}
-        }
-        read
-    })
 }
 
 /// Writes `res` (head, then its body as it comes) for a request of `version`. `close`: the

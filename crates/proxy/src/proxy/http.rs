@@ -434,47 +434,51 @@ impl Exchange for ConnCtx {
     /// switch protocols (HTTP/1.1 only); a `101` answer then carries the backend
     /// connection in its body ([`ResBody::take_switch`]). `timer`: the connection's own
     /// timer, when it carries one request at a time (see [`within`]).
-    async fn exchange(
-        &self,
+    // Not an `async fn`: its arguments would be kept twice (see `h1::serve`).
+    #[allow(clippy::manual_async_fn)]
+    fn exchange<'a>(
+        &'a self,
         head: ReqHead,
         body: Option<ReqBody>,
-        timer: Option<Pin<&mut Sleep>>,
-    ) -> Reply {
-        let start = Instant::now();
-        let local = &self.local;
-        let pending = local
-            .log
-            .enabled()
-            .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start, self.tls));
-        let call = GrpcCall::of(&head);
-        let mut tries = 0;
-        let (mut res, backend, answered) = self
-            .forward(head, body, start, timer, call.as_ref(), &mut tries)
-            .await;
-        let done = answered.unwrap_or_else(Instant::now);
-        local.metrics.record(
-            local.shared.index,
-            backend,
-            res.status.as_u16(),
-            done.saturating_duration_since(start),
-        );
-        if let Some(mut line) = pending {
-            line.answered(res.status.as_u16(), backend, tries);
-            res.body.log(line);
-        }
-        // The proxy's own answer to a gRPC call, in gRPC's terms: a client cannot read
-        // a bare 502 (the metrics and the log keep the HTTP status).
-        if call.is_some() && answered.is_none() {
-            res = grpc::error_reply(res);
-            if let Fields::Map(map) = &res.fields
-                && let Some(code) = map.get("grpc-status")
-            {
-                local
-                    .metrics
-                    .grpc_status(local.shared.index, code.as_bytes());
+        timer: Option<Pin<&'a mut Sleep>>,
+    ) -> impl Future<Output = Reply> + 'a {
+        async move {
+            let start = Instant::now();
+            let local = &self.local;
+            let pending = local
+                .log
+                .enabled()
+                .then(|| Pending::begin(&local.log, self.peer.ip(), &head, start, self.tls));
+            let call = GrpcCall::of(&head);
+            let mut tries = 0;
+            let (mut res, backend, answered) = self
+                .forward(head, body, start, timer, call.as_ref(), &mut tries)
+                .await;
+            let done = answered.unwrap_or_else(Instant::now);
+            local.metrics.record(
+                local.shared.index,
+                backend,
+                res.status.as_u16(),
+                done.saturating_duration_since(start),
+            );
+            if let Some(mut line) = pending {
+                line.answered(res.status.as_u16(), backend, tries);
+                res.body.log(line);
             }
+            // The proxy's own answer to a gRPC call, in gRPC's terms: a client cannot read
+            // a bare 502 (the metrics and the log keep the HTTP status).
+            if call.is_some() && answered.is_none() {
+                res = grpc::error_reply(res);
+                if let Fields::Map(map) = &res.fields
+                    && let Some(code) = map.get("grpc-status")
+                {
+                    local
+                        .metrics
+                        .grpc_status(local.shared.index, code.as_bytes());
+                }
+            }
+            res
         }
-        res
     }
 }
 
@@ -496,120 +500,125 @@ impl ConnCtx {
 
     /// Forwards with failover; returns the response, the backend that answered or failed
     /// last, and when the response head arrived (none for the proxy's own answers).
-    async fn forward(
-        &self,
+    // Not an `async fn`: its arguments would be kept twice (see `h1::serve`).
+    #[allow(clippy::manual_async_fn)]
+    fn forward<'a>(
+        &'a self,
         mut head: ReqHead,
         mut body: Option<ReqBody>,
         arrived: Instant,
-        mut timer: Option<Pin<&mut Sleep>>,
-        call: Option<&GrpcCall>,
-        tries: &mut usize,
-    ) -> (Reply, Option<SocketAddr>, Option<Instant>) {
-        let local = &self.local;
-        let (view, settings) = local.state();
-        // A gRPC deadline shorter than the listener's request timeout is the request's.
-        let limit = call
-            .and_then(|c| c.deadline)
-            .map_or(settings.timeouts.request, |d| {
-                d.min(settings.timeouts.request)
-            });
-        // `te: trailers` goes on to an HTTP/2 backend (before the hop-by-hop fields go).
-        let trailers = call.is_some() || head.trailers;
-        let h2 = matches!(
-            settings.backend_protocol,
-            BackendProtocol::H2c | BackendProtocol::H2
-        );
-        let mut tee: Option<Tee> = None;
-        // First: the key and the plugin see the request as the backend will (an
-        // absolute-form target's authority as its Host).
-        headers::prepare_request(&mut head);
-        let hash_key = headers::hash_key(settings.hash_key.as_ref(), &head, self.peer.ip());
-        // `body` is taken by the first exchange that sends it. Sent and failed, the request
-        // may go again: the head is still here (the client only borrows it), and there is
-        // no body to have lost.
-        let replayable = !head.upgrade
-            && idempotent(&head.method)
-            && body.as_ref().is_none_or(ReqBody::is_end_stream);
-        let mut info = RequestInfo {
-            protocol: Protocol::Http,
-            client_ip: self.peer.ip(),
-            hash_key,
-            ..RequestInfo::default()
-        };
-        let mut attempts = Attempts::new(local, view, &settings, arrived, replayable);
-        let mut last: Option<Failure> = None;
-        loop {
-            // The plugin reads the request's method, URI and headers: lent, not copied.
-            lend(&mut head, &mut info);
-            let next = attempts.next(&mut info);
-            lend(&mut head, &mut info);
-            let mut attempt = match next {
-                Ok(a) => a,
-                Err(Exhausted::NoBackend(why)) => {
-                    let reply = Reply::text(StatusCode::SERVICE_UNAVAILABLE, why.message(local));
-                    return (reply, None, None);
-                }
-                Err(Exhausted::Failed) => break,
+        mut timer: Option<Pin<&'a mut Sleep>>,
+        call: Option<&'a GrpcCall>,
+        tries: &'a mut usize,
+    ) -> impl Future<Output = (Reply, Option<SocketAddr>, Option<Instant>)> + 'a {
+        async move {
+            let local = &self.local;
+            let (view, settings) = local.state();
+            // A gRPC deadline shorter than the listener's request timeout is the request's.
+            let limit = call
+                .and_then(|c| c.deadline)
+                .map_or(settings.timeouts.request, |d| {
+                    d.min(settings.timeouts.request)
+                });
+            // `te: trailers` goes on to an HTTP/2 backend (before the hop-by-hop fields go).
+            let trailers = call.is_some() || head.trailers;
+            let h2 = matches!(
+                settings.backend_protocol,
+                BackendProtocol::H2c | BackendProtocol::H2
+            );
+            let mut tee: Option<Tee> = None;
+            // First: the key and the plugin see the request as the backend will (an
+            // absolute-form target's authority as its Host).
+            headers::prepare_request(&mut head);
+            let hash_key = headers::hash_key(settings.hash_key.as_ref(), &head, self.peer.ip());
+            // `body` is taken by the first exchange that sends it. Sent and failed, the request
+            // may go again: the head is still here (the client only borrows it), and there is
+            // no body to have lost.
+            let replayable = !head.upgrade
+                && idempotent(&head.method)
+                && body.as_ref().is_none_or(ReqBody::is_end_stream);
+            let mut info = RequestInfo {
+                protocol: Protocol::Http,
+                client_ip: self.peer.ip(),
+                hash_key,
+                ..RequestInfo::default()
             };
-            *tries = attempts.tries();
-            let addr = attempt.backend().addr;
-            let sent = if h2 {
-                // Boxed: HTTP/2's future is ~5 KiB, and inline it would be in every
-                // HTTP/1.1 exchange's future too (copied into its box per request).
-                Box::pin(self.attempt_h2(
-                    &head, &mut body, &mut tee, trailers, &attempt, &settings, limit,
-                ))
-                .await
-                .map(|(res, slot)| Answer::H2(res, slot))
-            } else {
-                self.attempt(
-                    &head,
-                    &mut body,
-                    &attempts,
-                    &attempt,
-                    &settings,
-                    limit,
-                    timer.as_mut(),
-                )
-                .await
-                .map(|(res, framing, conn)| Answer::H1(res, framing, conn))
-            };
-            let sent = sent.map_err(|f| f.under(settings.timeouts.request));
-            match sent {
-                Ok(answer) => {
-                    let at = Instant::now();
-                    let ok = !answer.status().is_server_error();
-                    if ok && answer.body_follows() {
-                        // Success or failure is the body's to tell.
-                        attempt.guard.answered_head(at);
-                    } else {
-                        attempts.answered(&mut attempt, ok, at);
+            let mut attempts = Attempts::new(local, view, &settings, arrived, replayable);
+            let mut last: Option<Failure> = None;
+            loop {
+                // The plugin reads the request's method, URI and headers: lent, not copied.
+                lend(&mut head, &mut info);
+                let next = attempts.next(&mut info);
+                lend(&mut head, &mut info);
+                let mut attempt = match next {
+                    Ok(a) => a,
+                    Err(Exhausted::NoBackend(why)) => {
+                        let reply =
+                            Reply::text(StatusCode::SERVICE_UNAVAILABLE, why.message(local));
+                        return (reply, None, None);
                     }
-                    let reply = match answer {
-                        Answer::H1(res, framing, conn) => {
-                            self.respond(res, framing, conn, attempt.guard, &settings)
+                    Err(Exhausted::Failed) => break,
+                };
+                *tries = attempts.tries();
+                let addr = attempt.backend().addr;
+                let sent = if h2 {
+                    // Boxed: HTTP/2's future is ~5 KiB, and inline it would be in every
+                    // HTTP/1.1 exchange's future too (copied into its box per request).
+                    Box::pin(self.attempt_h2(
+                        &head, &mut body, &mut tee, trailers, &attempt, &settings, limit,
+                    ))
+                    .await
+                    .map(|(res, slot)| Answer::H2(res, slot))
+                } else {
+                    self.attempt(
+                        &head,
+                        &mut body,
+                        &attempts,
+                        &attempt,
+                        &settings,
+                        limit,
+                        timer.as_mut(),
+                    )
+                    .await
+                    .map(|(res, framing, conn)| Answer::H1(res, framing, conn))
+                };
+                let sent = sent.map_err(|f| f.under(settings.timeouts.request));
+                match sent {
+                    Ok(answer) => {
+                        let at = Instant::now();
+                        let ok = !answer.status().is_server_error();
+                        if ok && answer.body_follows() {
+                            // Success or failure is the body's to tell.
+                            attempt.guard.answered_head(at);
+                        } else {
+                            attempts.answered(&mut attempt, ok, at);
                         }
-                        Answer::H2(res, slot) => {
-                            self.respond_h2(res, slot, attempt.guard, &settings)
-                        }
-                    };
-                    return (reply, Some(addr), Some(at));
-                }
-                Err(failure) if failure.backend().is_none() => {
-                    return self.client_failed(failure);
-                }
-                Err(failure) => {
-                    attempts.failed(attempt, &failure);
-                    last = Some(failure);
+                        let reply = match answer {
+                            Answer::H1(res, framing, conn) => {
+                                self.respond(res, framing, conn, attempt.guard, &settings)
+                            }
+                            Answer::H2(res, slot) => {
+                                self.respond_h2(res, slot, attempt.guard, &settings)
+                            }
+                        };
+                        return (reply, Some(addr), Some(at));
+                    }
+                    Err(failure) if failure.backend().is_none() => {
+                        return self.client_failed(failure);
+                    }
+                    Err(failure) => {
+                        attempts.failed(attempt, &failure);
+                        last = Some(failure);
+                    }
                 }
             }
-        }
-        match last {
-            Some(f) => (f.response(), f.backend(), None),
-            None => {
-                let why = NoBackend::NoneHealthy.message(local);
-                let reply = Reply::text(StatusCode::SERVICE_UNAVAILABLE, why);
-                (reply, None, None)
+            match last {
+                Some(f) => (f.response(), f.backend(), None),
+                None => {
+                    let why = NoBackend::NoneHealthy.message(local);
+                    let reply = Reply::text(StatusCode::SERVICE_UNAVAILABLE, why);
+                    (reply, None, None)
+                }
             }
         }
     }

@@ -12,6 +12,7 @@
 //! be processed between the read and the forgetting, so a newer event is never the one
 //! forgotten (tokio also forgets only the readiness it saw, by its tick).
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -109,6 +110,32 @@ impl Stream {
                 r
             }
         }
+    }
+
+    /// [`Stream::read_buf`] for the start of a message (`buf` empty): the read goes into
+    /// the worker's scratch buffer and `buf` gets only what came. A request waiting on its
+    /// backend then holds its head's few hundred bytes, not an 8 KiB buffer that the head,
+    /// split off it, keeps alive; and a small message costs no 8 KiB allocation. A read of
+    /// half the buffer or more (a body came with the head) hands the scratch buffer over
+    /// instead of copying it, and the worker takes a new one.
+    pub(crate) fn read_fresh(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        thread_local! {
+            static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(READ_ROOM));
+        }
+        debug_assert!(buf.is_empty());
+        SCRATCH.with_borrow_mut(|scratch| {
+            // Never shared (only copied from or handed over whole): this keeps its room.
+            scratch.clear();
+            let read = self.read_buf(scratch);
+            match read {
+                Ok(n) if n >= READ_ROOM / 2 => {
+                    *buf = std::mem::replace(scratch, BytesMut::with_capacity(READ_ROOM));
+                }
+                Ok(n) if n > 0 => buf.extend_from_slice(&scratch[..n]),
+                _ => {}
+            }
+            read
+        })
     }
 
     /// Writes part of `data` without waiting.
