@@ -229,7 +229,8 @@ def main():
                     help="lbwasm plugins, one lbwasm target each (default least_connections,"
                          "round_robin: round robin's choose costs the same at any N, so its"
                          " N=3 -> N=1000 difference is what many backends cost besides"
-                         " choose)")
+                         " choose); a path to a .wasm file is loaded as it is, e.g. two builds"
+                         " of a plugin")
     ap.add_argument("--nginx-keepalive", default="32,1024",
                     help="NGINX upstream keepalive values, one NGINX least_conn target each"
                          " (default 32,1024: with 32 and 1,000 backends NGINX's cache,"
@@ -412,12 +413,15 @@ server {{ listen 127.0.0.1:{BE_STATUS}; location /status {{ stub_status; }} }}
             targets, started = [], []   # (name, port, session id); processes of this N
             for i, plugin in enumerate(plugins):
                 port = LBWASM_PORT + i
-                p, logf = start(f"lbwasm-{plugin}-{n}", [
+                # A built-in's name, or a .wasm file (two builds of one plugin side by side)
+                # named by its file name.
+                label = SHORT.get(plugin, os.path.basename(plugin).removesuffix(".wasm"))
+                p, logf = start(f"lbwasm-{label}-{n}", [
                     args.lbwasm, "serve", "--listen", f"127.0.0.1:{port}",
                     "--backends", ",".join(addrs), "--plugin", plugin,
                     "--workers", "1", "--no-load-poll", "--log-level", "warn"])
                 started.append((p, port, "lbwasm", logf))
-                targets.append((f"lbwasm-{SHORT.get(plugin, plugin)}", port, p.pid))
+                targets.append((f"lbwasm-{label}", port, p.pid))
             servers = "\n".join(f"    server {a};" for a in addrs)
             for i, ka in enumerate(kas):
                 port = NGINX_PORT + i

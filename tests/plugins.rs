@@ -223,6 +223,46 @@ fn least_connections_picks_the_minimum() {
     }
 }
 
+/// Above 16 servers least connections scans the whole in-flight column in the guest: in
+/// SIMD lanes of 16 and blocks of 64 when every server is eligible, the general scan when
+/// one is down. Either way the tied servers take exact turns in index order, wherever they
+/// sit in the column, and a down server is never picked even with the lowest count.
+#[test]
+fn least_connections_rotates_ties_across_a_large_pool() {
+    let tied = [0usize, 15, 16, 63, 64, 500, 998, 999];
+    for down in [None, Some(700)] {
+        let servers = (0..1000)
+            .map(|i| ServerInfo {
+                healthy: Some(i as usize) != down,
+                ..server(i)
+            })
+            .collect();
+        let pool = StaticPool::new(servers);
+        for i in 0..1000 {
+            let n = if tied.contains(&i) {
+                2
+            } else {
+                3 + (i % 4) as u32
+            };
+            pool.set_in_flight(i, n);
+        }
+        if let Some(d) = down {
+            pool.set_in_flight(d, 0);
+        }
+        let view = pool.view();
+        let mut sel = selector("least_connections", &[]);
+        let mut req = RequestInfo::default();
+        let picks: Vec<usize> = (0..tied.len() * 25)
+            .map(|_| pick(&mut sel, &view, &mut req).expect("a pick"))
+            .collect();
+        let first = tied.iter().position(|&t| t == picks[0]);
+        let first = first.unwrap_or_else(|| panic!("{} is not tied, down {down:?}", picks[0]));
+        for (k, &p) in picks.iter().enumerate() {
+            assert_eq!(p, tied[(first + k) % tied.len()], "pick {k}, down {down:?}");
+        }
+    }
+}
+
 #[test]
 fn weighted_response_time_favours_the_fast_server() {
     let pool = StaticPool::with_servers(2);

@@ -17,7 +17,7 @@
 //!
 //! None.
 
-use lbwasm_plugin::select::least_with_room;
+use lbwasm_plugin::select::least_in_flight;
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The least-connections algorithm. Takes no options.
@@ -39,7 +39,7 @@ impl Plugin for LeastConnections {
         }
         let rotation = self.rotation;
         self.rotation = self.rotation.wrapping_add(1);
-        least_with_room(pool, &host.in_flight(), rotation, |_, n| n)
+        least_in_flight(pool, &host.in_flight(), rotation)
     }
 }
 

@@ -132,17 +132,71 @@ impl Cell {
     }
 }
 
-/// Every row's count, in order, appended to `out`.
-pub(super) fn column(cells: &[Cell], out: &mut Vec<u32>) {
-    let shards = shards_in_use();
-    out.extend(cells.iter().map(|c| c.sum_of(shards)));
+/// A pool's rows in pool order, kept as runs of consecutive rows of one segment, found once
+/// per snapshot. Rows are handed out lowest first, so a pool built at once is one run per
+/// segment, and reading its column is a sequential copy per shard: at 1,000 backends that
+/// measured ~1 µs per pick as a walk cell by cell (an indirection and a shard loop each).
+pub(super) struct PoolRows {
+    runs: Vec<Run>,
+    len: usize,
 }
 
-/// As [`column`], into the first `out.len()` slots.
-pub(super) fn column_prefix(cells: &[Cell], out: &mut [u32]) {
-    let shards = shards_in_use();
-    for (slot, c) in out.iter_mut().zip(cells) {
-        *slot = c.sum_of(shards);
+/// Rows `first..first + len` of one segment.
+struct Run {
+    segment: &'static Segment,
+    first: u16,
+    len: u16,
+}
+
+impl PoolRows {
+    /// The rows of `cells`, in that order.
+    pub(super) fn new(cells: impl IntoIterator<Item = Cell>) -> Self {
+        let mut runs: Vec<Run> = Vec::new();
+        let mut len = 0;
+        for cell in cells {
+            len += 1;
+            if let Some(run) = runs.last_mut()
+                && std::ptr::eq(run.segment, cell.segment)
+                && u32::from(run.first) + u32::from(run.len) == u32::from(cell.index)
+            {
+                run.len += 1;
+            } else {
+                runs.push(Run {
+                    segment: cell.segment,
+                    first: cell.index,
+                    len: 1,
+                });
+            }
+        }
+        PoolRows { runs, len }
+    }
+
+    /// Every row's count, in order, appended to `out`.
+    pub(super) fn column(&self, out: &mut Vec<u32>) {
+        let start = out.len();
+        out.resize(start + self.len, 0);
+        self.column_prefix(&mut out[start..]);
+    }
+
+    /// As [`PoolRows::column`], into the first `out.len()` slots (the rest untouched).
+    pub(super) fn column_prefix(&self, out: &mut [u32]) {
+        let shards = shards_in_use();
+        let mut out = out;
+        for run in &self.runs {
+            if out.is_empty() {
+                break;
+            }
+            let n = usize::from(run.len).min(out.len());
+            let (slots, rest) = std::mem::take(&mut out).split_at_mut(n);
+            let rows = usize::from(run.first)..usize::from(run.first) + slots.len();
+            slots.fill(0);
+            for column in &run.segment.0[..shards] {
+                for (slot, count) in slots.iter_mut().zip(&column.0[rows.clone()]) {
+                    *slot = slot.wrapping_add(count.load(Ordering::Relaxed));
+                }
+            }
+            out = rest;
+        }
     }
 }
 
@@ -261,8 +315,47 @@ mod tests {
         assert_eq!(shards_in_use(), SHARDS, "six threads take every shard");
         assert_eq!(row.cell().sum(), 6);
         let mut column = Vec::new();
-        super::column(&[row.cell(), row.cell()], &mut column);
+        PoolRows::new([row.cell(), row.cell()]).column(&mut column);
         assert_eq!(column, [6, 6]);
+    }
+
+    #[test]
+    fn pool_columns_follow_the_pool_order_across_runs_and_segments() {
+        // Every shard in use, so the readers sum all four (the count only ever grows).
+        for t in (0..SHARDS)
+            .map(|_| std::thread::spawn(shard))
+            .collect::<Vec<_>>()
+        {
+            t.join().unwrap();
+        }
+        let from = own_rows();
+        let rows: Vec<Row> = (0..SEGMENT + 10).map(|_| Row::take_from(from)).collect();
+        for (i, r) in rows.iter().enumerate() {
+            for k in 0..i % 5 {
+                r.cell().increment((i + k) % SHARDS);
+            }
+        }
+        // A pool in an order of its own: a stretch across the segment boundary, one row
+        // twice, a reversed stretch, a gap.
+        let order: Vec<usize> = (SEGMENT - 3..SEGMENT + 4)
+            .chain([7, 7])
+            .chain((0..5).rev())
+            .chain(10..20)
+            .collect();
+        let pool = PoolRows::new(order.iter().map(|&i| rows[i].cell()));
+        let want: Vec<u32> = order.iter().map(|&i| (i % 5) as u32).collect();
+        let mut column = vec![99];
+        pool.column(&mut column);
+        assert_eq!((column[0], &column[1..]), (99, &want[..]));
+        let mut prefix = vec![0; 9];
+        pool.column_prefix(&mut prefix);
+        assert_eq!(prefix, want[..9]);
+        let mut longer = vec![77; want.len() + 2];
+        pool.column_prefix(&mut longer);
+        assert_eq!(
+            (&longer[..want.len()], &longer[want.len()..]),
+            (&want[..], &[77, 77][..])
+        );
     }
 
     #[test]

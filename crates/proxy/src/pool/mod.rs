@@ -14,7 +14,7 @@ mod backend;
 mod in_flight;
 
 pub use backend::{Backend, BackendState, InFlight, LoadFigures};
-use in_flight::Cell;
+use in_flight::PoolRows;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +36,7 @@ pub struct Snapshot {
     backends: Vec<Arc<Backend>>,
     /// Where each backend's in-flight count lives, in index order: reading a whole pool's
     /// counts per pick walks these columns, not every backend's own cache lines.
-    in_flight: Vec<Cell>,
+    in_flight: PoolRows,
     infos: Vec<ServerInfo>,
     healthy: usize,
 }
@@ -67,7 +67,7 @@ impl Snapshot {
         let healthy = infos.iter().filter(|i| i.healthy).count();
         Snapshot {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
-            in_flight: backends.iter().map(|b| b.in_flight_cell()).collect(),
+            in_flight: PoolRows::new(backends.iter().map(|b| b.in_flight_cell())),
             backends,
             infos,
             healthy,
@@ -112,10 +112,10 @@ impl PoolView for Snapshot {
             .unwrap_or_default()
     }
     fn in_flight_column(&self, out: &mut Vec<u32>) {
-        in_flight::column(&self.in_flight, out);
+        self.in_flight.column(out);
     }
     fn in_flight_prefix(&self, out: &mut [u32]) {
-        in_flight::column_prefix(&self.in_flight, out);
+        self.in_flight.column_prefix(out);
     }
     fn latency_column(&self, out: &mut Vec<u32>) {
         out.extend(self.backends.iter().map(|b| b.latency_us()));
