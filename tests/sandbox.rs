@@ -145,8 +145,11 @@ fn none_is_honoured_when_no_backend_is_eligible() {
 
 // ---- a build off the request path that fails -------------------------------------------
 
-/// The first instance's `set-servers` takes 5 ms, so the next pool change is built off the
-/// request path; that instance loops in `set-servers`. The old instance serves meanwhile;
+/// The first instance's `set-servers` takes 30 ms, so the next pool change is built off the
+/// request path; that instance loops in `set-servers`. (The host times `set-servers` in
+/// the thread's CPU time and the fixture waits on the wall clock: 5 ms of wall clock on a
+/// busy machine was once under the host's 2 ms of CPU, the push stayed inline and this
+/// test failed. 30 ms leaves room for a thread that gets a tenth of a core.) The old instance serves meanwhile;
 /// the build is cut off by its deadline (2 s) and counted as a timeout, the instance is
 /// dropped, and the next pick falls back while another build runs.
 #[test]
@@ -155,7 +158,7 @@ fn a_build_off_the_request_path_that_loops_is_cut_off_and_counted() {
         &runtime(),
         &[
             ("mode", "slow_servers"),
-            ("slow_ms", "5"),
+            ("slow_ms", "30"),
             ("instances_ok", "1"),
         ],
     );
