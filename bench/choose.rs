@@ -33,6 +33,7 @@ fn choose(c: &mut Criterion) {
     for name in [
         "round_robin",
         "least_connections",
+        "weighted_least_connections",
         "p2c_ewma",
         "consistent_hash",
         "weighted_rr",

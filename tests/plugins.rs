@@ -250,17 +250,54 @@ fn least_connections_rotates_ties_across_a_large_pool() {
             pool.set_in_flight(d, 0);
         }
         let view = pool.view();
-        let mut sel = selector("least_connections", &[]);
-        let mut req = RequestInfo::default();
-        let picks: Vec<usize> = (0..tied.len() * 25)
-            .map(|_| pick(&mut sel, &view, &mut req).expect("a pick"))
-            .collect();
-        let first = tied.iter().position(|&t| t == picks[0]);
-        let first = first.unwrap_or_else(|| panic!("{} is not tied, down {down:?}", picks[0]));
-        for (k, &p) in picks.iter().enumerate() {
-            assert_eq!(p, tied[(first + k) % tied.len()], "pick {k}, down {down:?}");
+        // Equal weights: weighted least connections orders as least connections does.
+        for plugin in ["least_connections", "weighted_least_connections"] {
+            let mut sel = selector(plugin, &[]);
+            let mut req = RequestInfo::default();
+            let picks: Vec<usize> = (0..tied.len() * 25)
+                .map(|_| pick(&mut sel, &view, &mut req).expect("a pick"))
+                .collect();
+            let first = tied.iter().position(|&t| t == picks[0]);
+            let first = first.unwrap_or_else(|| panic!("{plugin}: {} is not tied", picks[0]));
+            for (k, &p) in picks.iter().enumerate() {
+                let want = tied[(first + k) % tied.len()];
+                assert_eq!(p, want, "{plugin}, pick {k}, down {down:?}");
+            }
         }
     }
+}
+
+/// Weighted least connections over a large pool with unequal weights (the exact ratio
+/// scan): `(in_flight + 1) / weight` is least, and tied, at the servers whose weight
+/// doubles their load.
+#[test]
+fn weighted_least_connections_compares_ratios_across_a_large_pool() {
+    let heavy = [3usize, 40, 777];
+    let servers = (0..1000)
+        .map(|i| ServerInfo {
+            weight: if heavy.contains(&(i as usize)) { 2 } else { 1 },
+            ..server(i)
+        })
+        .collect();
+    let pool = StaticPool::new(servers);
+    for i in 0..1000 {
+        // Heavy servers: (5 + 1) / 2 = 3; every other: (2 + 1) / 1 = 3 for a few, 4 or more
+        // for the rest. Server 500 ties with the heavy ones at exactly 3.
+        let n = if heavy.contains(&i) {
+            5
+        } else if i == 500 {
+            2
+        } else {
+            3 + (i % 3) as u32
+        };
+        pool.set_in_flight(i, n);
+    }
+    let view = pool.view();
+    let mut sel = selector("weighted_least_connections", &[]);
+    let mut req = RequestInfo::default();
+    let c = counts((0..400).map(|_| pick(&mut sel, &view, &mut req)));
+    let want: BTreeMap<usize, usize> = [3, 40, 500, 777].into_iter().map(|i| (i, 100)).collect();
+    assert_eq!(c, want);
 }
 
 #[test]

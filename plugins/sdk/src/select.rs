@@ -162,6 +162,54 @@ fn count_equal(values: &[u32], v: u32) -> u32 {
     lanes.iter().sum::<u32>() + rest.sum::<u32>()
 }
 
+/// `load / weight` as a key for [`least_by_key`], compared exactly without a division:
+/// `a / b < c / d` exactly when `a·d < c·b`, and both products fit in a `u64` (a load up to
+/// 2^32, a weight below it). A `u128` division per server, the obvious exact key, is a
+/// library call in wasm: ~30 ns a server, 32 µs a pick at 1,000 servers.
+#[derive(Clone, Copy, Debug)]
+pub struct Ratio {
+    load: u64,
+    weight: u64,
+}
+
+impl Ratio {
+    /// `load / weight`; a weight of 0 counts as 1.
+    pub fn new(load: u32, weight: u32) -> Self {
+        Self::wide(u64::from(load), weight)
+    }
+
+    /// `(in_flight + 1) / weight`, the key of weighted least connections: counting the
+    /// request about to be sent lets weights decide at zero load.
+    pub fn with_next(in_flight: u32, weight: u32) -> Self {
+        Self::wide(u64::from(in_flight) + 1, weight)
+    }
+
+    fn wide(load: u64, weight: u32) -> Self {
+        Ratio {
+            load,
+            weight: u64::from(weight.max(1)),
+        }
+    }
+
+    fn cross(&self, other: &Ratio) -> (u64, u64) {
+        (self.load * other.weight, other.load * self.weight)
+    }
+}
+
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Ratio) -> bool {
+        let (a, b) = self.cross(other);
+        a == b
+    }
+}
+
+impl PartialOrd for Ratio {
+    fn partial_cmp(&self, other: &Ratio) -> Option<std::cmp::Ordering> {
+        let (a, b) = self.cross(other);
+        Some(a.cmp(&b))
+    }
+}
+
 /// Picks among the eligible servers in proportion to `weight(i)` using `random` bits.
 /// Servers with weight 0 are skipped; `None` when the total is 0.
 pub fn weighted_pick<F>(pool: &Pool, random: u64, mut weight: F) -> Option<u32>
@@ -238,6 +286,34 @@ mod tests {
         let pool = Pool::new((0..4).map(|i| Server::new(i, "x")).collect());
         assert_eq!(least_in_flight(&pool, &[5, 5], 1), Some(3));
         assert_eq!(least_in_flight(&Pool::empty(), &[], 0), None);
+    }
+
+    /// Ratios order and tie exactly as the fractions do, at the extremes too.
+    #[test]
+    fn ratios_compare_as_fractions() {
+        let exact = |r: (u64, u64)| (u128::from(r.0) << 64) / u128::from(r.1.max(1));
+        let values = [0u32, 1, 2, 3, 7, 1000, u32::MAX - 1, u32::MAX];
+        for &a in &values {
+            for &b in &values {
+                for &c in &values {
+                    for &d in &values {
+                        let (x, y) = (Ratio::with_next(a, b), Ratio::with_next(c, d));
+                        let (ex, ey) = (u64::from(a) + 1, u64::from(c) + 1);
+                        // The fixed-point key rounds; compare it only where it is exact.
+                        let (fx, fy) = (exact((ex, u64::from(b))), exact((ey, u64::from(d))));
+                        let truth = (ex * u64::from(d.max(1))).cmp(&(ey * u64::from(b.max(1))));
+                        assert_eq!(x.partial_cmp(&y), Some(truth), "{a}+1/{b} vs {c}+1/{d}");
+                        assert_eq!(x == y, truth.is_eq());
+                        if fx != fy {
+                            assert_eq!(fx.cmp(&fy), truth, "{a}+1/{b} vs {c}+1/{d}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(Ratio::new(1, 3) == Ratio::new(2, 6));
+        assert!(Ratio::new(1, 0) == Ratio::new(1, 1));
+        assert!(Ratio::new(2, 3) < Ratio::new(3, 4));
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //!
 //! None.
 
-use lbwasm_plugin::select::least_with_room;
+use lbwasm_plugin::select::{Ratio, least_in_flight, least_with_room};
 use lbwasm_plugin::{Host, Options, Plugin, Pool};
 
 /// The weighted least-connections algorithm. Takes no options.
@@ -28,6 +28,9 @@ pub struct WeightedLeastConnections {
     rotation: u64,
     /// Effective weight of every server, by pool index (kept out of the per-request loop).
     weights: Vec<u32>,
+    /// Every weight is the same: the order is the in-flight counts' own, and the pick is
+    /// least connections' (the same answer, from its vectorised scan).
+    uniform: bool,
 }
 
 impl Plugin for WeightedLeastConnections {
@@ -37,11 +40,13 @@ impl Plugin for WeightedLeastConnections {
         Ok(WeightedLeastConnections {
             rotation: 0,
             weights: Vec::new(),
+            uniform: true,
         })
     }
 
     fn set_servers(&mut self, pool: &Pool) {
         self.weights = pool.servers.iter().map(|s| s.effective_weight()).collect();
+        self.uniform = self.weights.windows(2).all(|w| w[0] == w[1]);
     }
 
     fn choose(&mut self, pool: &Pool, host: &dyn Host) -> Option<u32> {
@@ -53,11 +58,14 @@ impl Plugin for WeightedLeastConnections {
         }
         let rotation = self.rotation;
         self.rotation = self.rotation.wrapping_add(1);
+        let in_flight = host.in_flight();
+        if self.uniform {
+            return least_in_flight(pool, &in_flight, rotation);
+        }
         let weights = &self.weights;
-        // (in_flight + 1) / weight as an exact fixed-point integer: equal ratios tie exactly.
-        least_with_room(pool, &host.in_flight(), rotation, |i, n| {
-            let w = weights.get(i as usize).copied().unwrap_or(1).max(1);
-            ((n as u128 + 1) << 64) / w as u128
+        // Compared exactly (equal ratios tie), without a division per server.
+        least_with_room(pool, &in_flight, rotation, |i, n| {
+            Ratio::with_next(n, weights.get(i as usize).copied().unwrap_or(1))
         })
     }
 }
