@@ -55,10 +55,10 @@ pub struct LeastLoaded {
     /// How many reports ahead to forecast; `None`: score with the last report.
     horizon: Option<f64>,
     trends: LoadTrends,
-    /// Per pool index: weighted sum of the reported terms, total weight of the terms (the
-    /// in-flight one included) and effective weight. Reports change only in `set_servers`, so
-    /// `choose` adds just the live in-flight term.
-    reported: Vec<(f64, f64, f64)>,
+    /// Per pool index, the score as `base + per_share · share`: the reported terms and the
+    /// weights folded in by `set_servers` (reports change only there), so that `choose`
+    /// does a multiplication and an addition per server, not three divisions.
+    reported: Vec<(f64, f64)>,
 }
 
 impl Plugin for LeastLoaded {
@@ -101,7 +101,17 @@ impl Plugin for LeastLoaded {
                 }
             }
             let weight = f64::from(s.effective_weight());
-            (sum, total + self.connections_weight, weight)
+            let total = total + self.connections_weight;
+            if total > 0.0 {
+                // (sum + connections_weight·share) / total / weight
+                (
+                    sum / total / weight,
+                    self.connections_weight / total / weight,
+                )
+            } else {
+                // connections_weight = 0 and nothing reported: in-flight is all there is.
+                (0.0, 1.0 / weight)
+            }
         };
         self.reported = pool.servers.iter().map(reported).collect();
     }
@@ -118,19 +128,13 @@ impl Plugin for LeastLoaded {
         let in_flight_of = |i: u32| in_flight.get(i as usize).copied().unwrap_or(0);
         let busiest = eligible.iter().map(|&i| in_flight_of(i)).max().unwrap_or(0);
         // Lowest load per unit of weight; equal scores take turns along the global sequence.
+        // share = in_flight / busiest; the scores are compared times `busiest` (the same
+        // order, no division per server), and with nothing in flight the share is 0.
+        let reported = &self.reported;
+        let scale = f64::from(busiest.max(1));
         min_by_score(pool, host.sequence(), |i| {
-            let share = match busiest {
-                0 => 0.0,
-                b => f64::from(in_flight_of(i)) / f64::from(b),
-            };
-            let (sum, total, weight) = self.reported[i as usize];
-            // connections_weight = 0 and nothing reported: in-flight is all there is.
-            let load = if total > 0.0 {
-                (sum + self.connections_weight * share) / total
-            } else {
-                share
-            };
-            load / weight
+            let (base, per_share) = reported[i as usize];
+            base * scale + per_share * f64::from(in_flight_of(i))
         })
     }
 }
