@@ -223,9 +223,9 @@ fn least_connections_picks_the_minimum() {
     }
 }
 
-/// Above 16 servers least connections scans the whole in-flight column in the guest: in
-/// SIMD lanes of 16 and blocks of 64 when every server is eligible, the general scan when
-/// one is down. Either way the tied servers take exact turns in index order, wherever they
+/// Above 16 servers least connections (and least loaded) scans the whole column in the
+/// guest: in SIMD lanes of 16 and blocks of 64 when every server is eligible, the general
+/// scan when one is down. Either way the tied servers take exact turns in index order, wherever they
 /// sit in the column, and a down server is never picked even with the lowest count.
 #[test]
 fn least_connections_rotates_ties_across_a_large_pool() {
@@ -250,8 +250,13 @@ fn least_connections_rotates_ties_across_a_large_pool() {
             pool.set_in_flight(d, 0);
         }
         let view = pool.view();
-        // Equal weights: weighted least connections orders as least connections does.
-        for plugin in ["least_connections", "weighted_least_connections"] {
+        // Equal weights: weighted least connections orders as least connections does, and
+        // so does least loaded with no reports (its scores in f64 lanes).
+        for plugin in [
+            "least_connections",
+            "weighted_least_connections",
+            "least_loaded",
+        ] {
             let mut sel = selector(plugin, &[]);
             let mut req = RequestInfo::default();
             let picks: Vec<usize> = (0..tied.len() * 25)

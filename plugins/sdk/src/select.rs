@@ -91,13 +91,16 @@ pub fn least_in_flight(pool: &Pool, in_flight: &[u32], rotation: u64) -> Option<
     }
 }
 
-/// The `rotation`-th (mod their count) of the smallest entries of `column`: one pass for the
-/// minimum and its ties, then a count by blocks up to the block that holds the answer.
+/// The `rotation`-th (mod their count) of the smallest entries of `column` (the eligible
+/// servers' scores, or their in-flight counts), so that equal servers take equal turns;
+/// `None` when it is empty. For per-request scans of a whole pool: one pass finds the
+/// minimum and its ties, in 16 lanes, then a count by blocks stops at the block that holds
+/// the answer. Scores must not be NaN.
 ///
 /// LLVM applies a wasm target feature to the whole module, so every plugin built with the
 /// SDK is a SIMD module: fine, as every engine that runs components has `simd128`.
 #[cfg_attr(target_family = "wasm", target_feature(enable = "simd128"))]
-fn least_in_column(column: &[u32], rotation: u64) -> Option<u32> {
+pub fn least_in_column<T: Lane>(column: &[T], rotation: u64) -> Option<u32> {
     const BLOCK: usize = 64;
     let (least, ties) = least_and_ties(column)?;
     let mut turn = rotation % u64::from(ties);
@@ -114,20 +117,40 @@ fn least_in_column(column: &[u32], rotation: u64) -> Option<u32> {
     None
 }
 
+/// A value [`least_in_column`] scans: counts and scores.
+pub trait Lane: Copy + PartialOrd {
+    /// Above or equal to every value (what a lane holds before it sees one).
+    const TOP: Self;
+}
+
+impl Lane for u32 {
+    const TOP: u32 = u32::MAX;
+}
+
+impl Lane for f64 {
+    const TOP: f64 = f64::INFINITY;
+}
+
 /// Lanes of the column scans. Sixteen independent accumulators are four SIMD registers per
-/// step: wasm compilers neither unroll nor interleave a reduction, and Cranelift puts an
-/// epoch check (and a spill of the accumulator) on every loop iteration, so each step must
-/// do as much work as it can.
+/// step for counts: wasm compilers neither unroll nor interleave a reduction, and Cranelift
+/// puts an epoch check (and a spill of the accumulator) on every loop iteration, so each
+/// step must do as much work as it can.
 const LANES: usize = 16;
+
+/// The smaller of two values (`b` on a tie), written as the select that vectorises.
+#[inline]
+fn lesser<T: Lane>(a: T, b: T) -> T {
+    if a < b { a } else { b }
+}
 
 /// The minimum of `values` and how many entries equal it, in one pass: each lane keeps its
 /// own minimum and count (a lower value restarts the count at 1).
 #[inline]
-fn least_and_ties(values: &[u32]) -> Option<(u32, u32)> {
+fn least_and_ties<T: Lane>(values: &[T]) -> Option<(T, u32)> {
     if values.is_empty() {
         return None;
     }
-    let mut least = [u32::MAX; LANES];
+    let mut least = [T::TOP; LANES];
     let mut ties = [0u32; LANES];
     let mut chunks = values.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -138,12 +161,12 @@ fn least_and_ties(values: &[u32]) -> Option<(u32, u32)> {
             } else {
                 ties[k] + u32::from(x == least[k])
             };
-            least[k] = least[k].min(x);
+            least[k] = lesser(x, least[k]);
         }
     }
     let rest = chunks.remainder();
-    // Lanes that saw no value hold MAX with a count of 0, which adds nothing below.
-    let min = least.iter().chain(rest).copied().min()?;
+    // Lanes that saw no value hold TOP with a count of 0, which adds nothing below.
+    let min = least.iter().chain(rest).copied().fold(T::TOP, lesser);
     let lanes: u32 = (0..LANES)
         .filter(|&k| least[k] == min)
         .map(|k| ties[k])
@@ -153,7 +176,7 @@ fn least_and_ties(values: &[u32]) -> Option<(u32, u32)> {
 
 /// How many entries of `values` equal `v`.
 #[inline]
-fn count_equal(values: &[u32], v: u32) -> u32 {
+fn count_equal<T: Lane>(values: &[T], v: T) -> u32 {
     let mut lanes = [0u32; LANES];
     let mut chunks = values.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -281,6 +304,13 @@ mod tests {
                         least_in_flight(&pool, &column, rotation),
                         general,
                         "n {n} spread {spread} rotation {rotation}"
+                    );
+                    // The same as scores (least loaded's column), thirds so that they round.
+                    let scores: Vec<f64> = column.iter().map(|&c| f64::from(c) / 3.0).collect();
+                    assert_eq!(
+                        least_in_column(&scores, rotation),
+                        min_by_score(&pool, rotation, |i| scores[i as usize]),
+                        "scores: n {n} spread {spread} rotation {rotation}"
                     );
                 }
             }
