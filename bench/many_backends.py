@@ -22,7 +22,7 @@ balancer's CPU (utime+stime of its processes from /proc/PID/stat around the run,
 connections the backends accepted per request. Medians of the rounds are printed per N,
 then each balancer's change from the smallest N to the largest, and lbwasm's least
 connections against its N=3 figure plus the extra `choose` cost the criterion bench
-predicts (README "Benchmarks": ~0.4 us up to 16 backends, 3.4-5.1 us at 1,000).
+predicts (README "Benchmarks": ~0.45 us up to 16 backends, 1.9-2.1 us at 1,000).
 
     python3 bench/many_backends.py [-n 3,1000] [-r 3] [-d 5] [-c 32]
                                    [--plugins least_connections,round_robin]
@@ -56,8 +56,8 @@ SHORT = {"least_connections": "lc", "round_robin": "rr"}
 HZ = os.sysconf("SC_CLK_TCK")
 # README "Benchmarks" (criterion, `cargo bench --bench choose`): least_connections through
 # wasmtime, microseconds per choose.
-CHOOSE_SMALL_US = 0.4            # 4-16 backends (376-510 ns over runs)
-CHOOSE_1000_US = (3.4, 5.1)      # 1,000 backends, across runs
+CHOOSE_SMALL_US = 0.45           # 4-16 backends (447-507 ns over runs)
+CHOOSE_1000_US = (1.9, 2.1)      # 1,000 backends, across runs (3.4-5.1 before the SIMD scan)
 
 
 class Timeout(Exception):
