@@ -7,8 +7,9 @@
 //! objdump -d --no-show-raw-insn /tmp/lc.cwasm | less
 //! ```
 //!
-//! Offsets in the object match the low bits of the `[JIT]` addresses `perf report` shows
-//! for the plugin, which is how its hot loops are found.
+//! The low 12 bits of the `[JIT]` addresses `perf report` shows for the plugin are the
+//! offsets' low 12 bits here (the code is mapped page-aligned): several hot addresses that
+//! land in one function and its loops identify it.
 
 use lbwasm_plugin_host::{Runtime, RuntimeConfig};
 
