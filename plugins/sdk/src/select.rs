@@ -103,7 +103,8 @@ pub fn least_in_flight(pool: &Pool, in_flight: &[u32], rotation: u64) -> Option<
 pub fn least_in_column<T: Lane>(column: &[T], rotation: u64) -> Option<u32> {
     const BLOCK: usize = 64;
     let (least, ties) = least_and_ties(column)?;
-    let mut turn = rotation % u64::from(ties);
+    // No ties only when every score is NaN: no server, like the general scan.
+    let mut turn = rotation.checked_rem(u64::from(ties))?;
     for (b, block) in column.chunks(BLOCK).enumerate() {
         let here = u64::from(count_equal(block, least));
         if turn < here {
@@ -315,6 +316,8 @@ mod tests {
                 }
             }
         }
+        // Scores that are all NaN give no server (and no division by zero in the guest).
+        assert_eq!(least_in_column(&[f64::NAN, f64::NAN], 3), None);
         // A short column (servers past its end count 0) and an empty pool take the general path.
         let pool = Pool::new((0..4).map(|i| Server::new(i, "x")).collect());
         assert_eq!(least_in_flight(&pool, &[5, 5], 1), Some(3));

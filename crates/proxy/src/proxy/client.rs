@@ -54,8 +54,6 @@ const IDLE_TTL: Duration = Duration::from_secs(30);
 /// Interim (1xx) responses accepted before the final one: a backend streaming them
 /// forever would keep the request busy for nothing.
 const MAX_INTERIM: usize = 16;
-/// Read buffer: one allocation per response head, grown for large heads only.
-const READ_CHUNK: usize = 8 * 1024;
 /// Read buffer growth step while a body streams.
 const BODY_READ: usize = 16 * 1024;
 
@@ -491,15 +489,7 @@ impl BackendConn {
                 .map_err(|e| (SendErrorKind::Io(e), read))?;
             // The buffer is taken only now that there is something to read: a request
             // waiting on its backend holds none.
-            let got = if self.buf.is_empty() {
-                self.stream.read_fresh(&mut self.buf)
-            } else {
-                if self.buf.capacity() - self.buf.len() < 1024 {
-                    self.buf.reserve(READ_CHUNK);
-                }
-                self.stream.read_buf(&mut self.buf)
-            };
-            match got {
+            match self.stream.read_more(&mut self.buf) {
                 Ok(0) => return Err((SendErrorKind::Closed, read)),
                 Ok(n) => read += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

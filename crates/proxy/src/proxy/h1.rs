@@ -258,15 +258,7 @@ fn next_head<'a>(
             }
             // The buffer is taken only now that there is something to read.
             let mut buf = io.buf.borrow_mut();
-            let read = if buf.is_empty() {
-                io.stream.read_fresh(&mut buf)
-            } else {
-                if buf.capacity() - buf.len() < 1024 {
-                    buf.reserve(READ_CHUNK);
-                }
-                io.stream.read_buf(&mut buf)
-            };
-            match read {
+            match io.stream.read_more(&mut buf) {
                 Ok(0) => return Next::Closed,
                 // A head has the idle timeout to arrive whole, from its first byte: a client
                 // trickling one byte at a time cannot hold the connection forever.

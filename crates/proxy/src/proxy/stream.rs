@@ -112,19 +112,27 @@ impl Stream {
         }
     }
 
-    /// [`Stream::read_buf`] for the start of a message (`buf` empty): the read goes into
-    /// the worker's scratch buffer and `buf` gets only what came. A request waiting on its
-    /// backend then holds its head's few hundred bytes, not an 8 KiB buffer that the head,
-    /// split off it, keeps alive; and a small message costs no 8 KiB allocation. A read of
-    /// half the buffer or more (a body came with the head) hands the scratch buffer over
-    /// instead of copying it, and the worker takes a new one.
-    pub(crate) fn read_fresh(&self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// Reads what is there into `buf`, the one read of the HTTP/1.1 paths (client heads and
+    /// bodies, backend responses). At the start of a message (`buf` empty) the read goes
+    /// into the worker's scratch buffer and `buf` gets only what came: a request waiting on
+    /// its backend then holds its head's few hundred bytes, not an 8 KiB buffer that the
+    /// head, split off it, keeps alive, and a small message costs no 8 KiB allocation. A
+    /// read of half the buffer or more (a body came with the head) hands the scratch buffer
+    /// over instead of copying it, and the worker takes a new one. Otherwise `buf` grows
+    /// by [`READ_ROOM`] when it has under 1 KiB of room.
+    pub(crate) fn read_more(&self, buf: &mut BytesMut) -> io::Result<usize> {
         thread_local! {
             static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(READ_ROOM));
         }
-        debug_assert!(buf.is_empty());
+        if !buf.is_empty() {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_ROOM);
+            }
+            return self.read_buf(buf);
+        }
         SCRATCH.with_borrow_mut(|scratch| {
-            // Never shared (only copied from or handed over whole): this keeps its room.
+            // Never shared (only copied from or handed over whole), and cleared before each
+            // read: a connection gets only the bytes its own read brought.
             scratch.clear();
             let read = self.read_buf(scratch);
             match read {
